@@ -1,0 +1,1 @@
+"""Shared test fixtures: topology, processes, strongSwan, captures."""

@@ -1,0 +1,1 @@
+"""pytest fixtures re-exported by tests/conftest.py."""
