@@ -12,8 +12,9 @@ say() { echo "setup: $*" >&2; }
 PKGS="python3-bpfcc python3-venv python3-pip iproute2 iptables ipset nftables kmod
  qemu-system-x86 busybox-static cpio gzip file
  linux-image-cloud-amd64 linux-headers-cloud-amd64
- strongswan-swanctl charon-systemd libcharon-extra-plugins strongswan-pki
- dnsmasq-base tshark iputils-ping iperf3 conntrack procps psmisc"
+ strongswan-swanctl charon-systemd libcharon-extra-plugins libstrongswan-standard-plugins
+ libstrongswan-extra-plugins strongswan-pki
+ dnsmasq-base tshark tcpdump iputils-ping iperf3 conntrack procps psmisc"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -1,0 +1,314 @@
+"""strongSwan (charon-systemd + swanctl) instances in namespaces.
+
+A ``Charon`` is one daemon with its own strongswan.conf, swanctl directory,
+VICI socket and log, so several run side by side. ``ipsec`` picks the data
+path: "kernel" (kernel ESP through kernel-netlink) where the kernel has ESP,
+"libipsec" (userspace ESP on a TUN device; it only does ESP-in-UDP) where it
+does not, as on the development host. ``Pki`` makes a CA and certificates
+with strongSwan's ``pki`` tool.
+
+    pki = Pki(dir); pki.ca(); pki.cert("gw", san=["gw.vpn.example", "192.0.2.1"])
+    gw = Charon(dir, ns, "gw", procs, ipsec="libipsec", interfaces_use=["eth0"])
+    gw.write_swanctl(gateway_conf(...)); gw.start(); gw.load_all()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+from .procs import Procs, wait_until
+from .topo import Netns
+
+CHARON = "/usr/sbin/charon-systemd"
+PKI_CONF = "pki {\n    load = random drbg nonce pem pkcs1 pkcs8 x509 pubkey sha1 sha2 openssl\n}\n"
+SWANCTL_DIRS = ("x509", "x509ca", "x509aa", "x509ac", "x509crl", "x509ocsp", "private", "rsa", "ecdsa",
+                "pkcs8", "pkcs12", "pubkey", "conf.d")
+
+
+def kernel_has_esp() -> bool:
+    """Whether the running kernel takes an ESP state (tried in a scratch namespace)."""
+    from .names import unique
+    ns = f"mmesp-{unique('e')}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        p = subprocess.run(["ip", "-n", ns, "xfrm", "state", "add", "src", "10.0.0.1", "dst", "10.0.0.2",
+                            "proto", "esp", "spi", "0x100", "mode", "tunnel", "enc", "cbc(aes)", "0x" + "00" * 16,
+                            "auth-trunc", "hmac(sha256)", "0x" + "00" * 32, "128"], capture_output=True)
+        return p.returncode == 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+
+
+class Pki:
+    """ECDSA P-256 (or RSA) CA and certificates made with strongSwan's pki."""
+
+    def __init__(self, path: Path, org: str = "mipmobike-test") -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.org = org
+        (self.path / "strongswan.conf").write_text(PKI_CONF)
+
+    def _pki(self, *args: str) -> bytes:
+        env = dict(os.environ, STRONGSWAN_CONF=str(self.path / "strongswan.conf"))
+        p = subprocess.run(["pki", *args], capture_output=True, env=env, timeout=60)
+        if p.returncode:
+            raise RuntimeError(f"pki {' '.join(args)}: {p.stderr.decode(errors='replace')}")
+        return p.stdout
+
+    def key(self, name: str, type_: str = "ecdsa") -> Path:
+        k = self.path / f"{name}.key"
+        k.write_bytes(self._pki("--gen", "--type", type_, "--size", "256" if type_ == "ecdsa" else "2048",
+                                "--outform", "pem"))
+        k.chmod(0o600)
+        return k
+
+    def ca(self, name: str = "ca", type_: str = "ecdsa") -> Path:
+        k = self.key(name, type_)
+        c = self.path / f"{name}.crt"
+        c.write_bytes(self._pki("--self", "--ca", "--lifetime", "3650", "--in", str(k), "--type", type_,
+                                "--dn", f"C=XX, O={self.org}, CN={self.org} {name}", "--outform", "pem"))
+        return c
+
+    def cert(self, name: str, san: list[str], ca: str = "ca", type_: str = "ecdsa",
+             flag: str = "serverAuth") -> Path:
+        k = self.key(name, type_)
+        c = self.path / f"{name}.crt"
+        args = ["--issue", "--cacert", str(self.path / f"{ca}.crt"), "--cakey", str(self.path / f"{ca}.key"),
+                "--type", "priv", "--in", str(k), "--dn", f"C=XX, O={self.org}, CN={san[0]}",
+                "--flag", flag, "--lifetime", "825", "--outform", "pem"]
+        for s in san:
+            args += ["--san", s]
+        c.write_bytes(self._pki(*args))
+        return c
+
+
+class Charon:
+    def __init__(self, base: Path, ns: Netns, name: str, procs: Procs, ipsec: str = "libipsec",
+                 interfaces_use: list[str] | None = None, extra_conf: str = "") -> None:
+        assert ipsec in ("libipsec", "kernel")
+        self.dir = Path(base) / name
+        self.ns, self.name, self.procs, self.ipsec = ns, name, procs, ipsec
+        self.swanctl_dir = self.dir / "swanctl"
+        self.conf = self.dir / "strongswan.conf"
+        self.vici = self.dir / "charon.vici"
+        self.log = self.dir / "charon.log"
+        self.proc = None
+        for d in SWANCTL_DIRS:
+            (self.swanctl_dir / d).mkdir(parents=True, exist_ok=True)
+        self.dir.chmod(0o700)
+        plugins = "random nonce openssl aes sha1 sha2 hmac gcm xcbc kdf pem pkcs1 pkcs8 x509 revocation " \
+                  "constraints pubkey curve25519 "
+        plugins += ("kernel-libipsec kernel-netlink" if ipsec == "libipsec" else "kernel-netlink")
+        plugins += " socket-default updown vici"
+        use = f"interfaces_use = {', '.join(interfaces_use)}" if interfaces_use else ""
+        libipsec = "kernel-libipsec {\n            allow_peer_ts = no\n        }" if ipsec == "libipsec" else ""
+        self.conf.write_text(textwrap.dedent(f"""\
+            charon {{
+                load = {plugins}
+                {use}
+                install_routes = yes
+                install_virtual_ip = yes
+                routing_table = 220
+                routing_table_prio = 220
+                retransmit_timeout = 1.0
+                retransmit_base = 1.4
+                retransmit_tries = 3
+                plugins {{
+                    vici {{
+                        socket = unix://{self.vici}
+                    }}
+                    {libipsec}
+                    kernel-netlink {{
+                        roam_events = yes
+                    }}
+                    socket-default {{
+                        use_ipv6 = no
+                    }}
+                }}
+                filelog {{
+                    main {{
+                        path = {self.log}
+                        time_format = %T
+                        time_add_ms = yes
+                        ike_name = yes
+                        append = no
+                        flush_line = yes
+                        default = 1
+                        ike = 2
+                        knl = 2
+                        cfg = 2
+                    }}
+                }}
+            {textwrap.indent(extra_conf, '    ')}
+            }}
+            charon-systemd {{
+                journal {{
+                    default = -1
+                }}
+            }}
+            swanctl {{
+                socket = unix://{self.vici}
+                load = random nonce pem pkcs1 pkcs8 x509 pubkey openssl sha1 sha2
+            }}
+            """))
+
+    # -- configuration --------------------------------------------------------------
+    def write_swanctl(self, text: str) -> None:
+        (self.swanctl_dir / "swanctl.conf").write_text(text)
+
+    def add_cert(self, cert: Path, key: Path | None = None, ca: Path | None = None) -> None:
+        shutil.copy(cert, self.swanctl_dir / "x509" / Path(cert).name)
+        if key:
+            dst = self.swanctl_dir / "private" / Path(key).name
+            shutil.copy(key, dst)
+            dst.chmod(0o600)
+        if ca:
+            shutil.copy(ca, self.swanctl_dir / "x509ca" / Path(ca).name)
+
+    def add_ca(self, ca: Path) -> None:
+        shutil.copy(ca, self.swanctl_dir / "x509ca" / Path(ca).name)
+
+    # -- process ----------------------------------------------------------------------
+    def env(self) -> dict:
+        return {"STRONGSWAN_CONF": str(self.conf), "SWANCTL_DIR": str(self.swanctl_dir)}
+
+    def start(self, timeout: float = 30) -> None:
+        if self.vici.exists():
+            self.vici.unlink()
+        self.proc = self.procs.start(f"charon-{self.name}", [CHARON], ns=self.ns.name, env=self.env())
+        wait_until(lambda: self.vici.exists(), timeout, f"charon {self.name} VICI socket", proc=self.proc)
+        wait_until(lambda: self.swanctl("--stats", check=False).returncode == 0, timeout,
+                   f"charon {self.name} answering VICI", proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+
+    def swanctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        env = dict(os.environ, **self.env())
+        p = subprocess.run(["ip", "netns", "exec", self.ns.name, "swanctl", *args, "--uri", f"unix://{self.vici}"],
+                           capture_output=True, text=True, env=env, timeout=timeout)
+        if check and p.returncode:
+            raise RuntimeError(f"swanctl {' '.join(args)} ({self.name}): {p.stdout}{p.stderr}\n--- log ---\n"
+                               + self.log_text()[-3000:])
+        return p
+
+    def load_all(self) -> None:
+        self.swanctl("--load-all", "--noprompt")
+
+    def initiate(self, child: str, ike: str | None = None, timeout: int = 20) -> subprocess.CompletedProcess:
+        args = ["--initiate", "--child", child, "--timeout", str(timeout)]
+        if ike:
+            args += ["--ike", ike]
+        return self.swanctl(*args, timeout=timeout + 10)
+
+    def list_sas(self) -> str:
+        """``swanctl --list-sas`` as the daemon reports it over its VICI socket."""
+        return self.swanctl("--list-sas").stdout
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def gateway_swanctl(local_addr: str, local_ts: list[str], pool: str, psk: str | None = None,
+                    psk_remote_id: str = "mn-psk@vpn.example", gw_id: str = "gw.vpn.example",
+                    cert: str | None = None, ca: str | None = None, mobike: bool = True,
+                    proposals: str = "default", esp_proposals: str = "default", dpd: str = "30s") -> str:
+    """swanctl.conf for a road-warrior gateway: a PSK connection, a certificate one, or both."""
+    conns = []
+    common = f"""
+            version = 2
+            local_addrs = {local_addr}
+            mobike = {'yes' if mobike else 'no'}
+            pools = rw_pool
+            proposals = {proposals}
+            dpd_delay = {dpd}"""
+    child = f"""
+            children {{
+                lan {{
+                    local_ts = {', '.join(local_ts)}
+                    esp_proposals = {esp_proposals}
+                    dpd_action = clear
+                }}
+            }}"""
+    if psk:
+        conns.append(f"""
+        rw-psk {{{common}
+            local {{
+                auth = psk
+                id = {gw_id}
+            }}
+            remote {{
+                auth = psk
+                id = {psk_remote_id}
+            }}{child}
+        }}""")
+    if cert:
+        conns.append(f"""
+        rw-cert {{{common}
+            send_certreq = yes
+            local {{
+                auth = pubkey
+                certs = {cert}
+                id = {gw_id}
+            }}
+            remote {{
+                auth = pubkey
+                cacerts = {ca}
+                id = %any
+            }}{child}
+        }}""")
+    secrets = f"""
+secrets {{
+    ike-rw {{
+        id-gw = {gw_id}
+        id-mn = {psk_remote_id}
+        secret = "{psk}"
+    }}
+}}
+""" if psk else ""
+    return f"connections {{{''.join(conns)}\n}}\npools {{\n    rw_pool {{\n        addrs = {pool}\n    }}\n}}\n{secrets}"
+
+
+def client_swanctl(remote_addr: str, remote_ts: list[str], psk: str, local_id: str = "mn-psk@vpn.example",
+                   gw_id: str = "gw.vpn.example") -> str:
+    """swanctl.conf for strongSwan as the road-warrior client (PSK, virtual IP)."""
+    return f"""connections {{
+    home {{
+        version = 2
+        remote_addrs = {remote_addr}
+        vips = 0.0.0.0
+        mobike = yes
+        keyingtries = 1
+        local {{
+            auth = psk
+            id = {local_id}
+        }}
+        remote {{
+            auth = psk
+            id = {gw_id}
+        }}
+        children {{
+            home {{
+                remote_ts = {', '.join(remote_ts)}
+                start_action = none
+            }}
+        }}
+    }}
+}}
+secrets {{
+    ike-home {{
+        id-gw = {gw_id}
+        id-mn = {local_id}
+        secret = "{psk}"
+    }}
+}}
+"""
