@@ -1,0 +1,1 @@
+"""The mobile node agent."""
