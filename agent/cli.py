@@ -17,7 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "ha": (None, "run the internal home agent (i-HA)"),
     "fa": (None, "run the internal foreign agent (i-FA)"),
     "status": (None, "show a running daemon's state"),
-    "check-config": (None, "validate a configuration file"),
+    "check-config": ("agent.check_config", "validate a configuration file"),
     "gate": (None, "inspect or open the trust-detection gate"),
     "testbed": (None, "build the RFC 5266 Figure-1 testbed in namespaces"),
     "demo": (None, "run the scripted roaming demo"),

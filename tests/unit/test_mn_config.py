@@ -1,0 +1,83 @@
+"""Mobile node configuration: valid files load, every mistake names its key."""
+
+import pytest
+
+from agent import check_config
+from agent.config import ConfigError
+from agent.mn import config
+
+GOOD = """
+[mn]
+interfaces = ["eth0"]
+home_address = "10.1.0.100"
+home_agent = "10.1.0.1"
+home_prefix = "10.1.0.0/24"
+spi = 256
+key_file = "{key}"
+
+[vpn]
+gateway = "198.51.100.1"
+gateway_id = "gw.vpn.example"
+local_id = "mn1@vpn.example"
+psk_file = "{psk}"
+internal_prefixes = ["10.0.0.0/8"]
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    key, psk = tmp_path / "mn.key", tmp_path / "vpn.psk"
+    key.write_text("00112233445566778899aabbccddeeff")
+    psk.write_text("a shared secret")
+    key.chmod(0o600)
+    psk.chmod(0o600)
+    return tmp_path, key, psk
+
+
+def write(tmp_path, text):
+    p = tmp_path / "mn.toml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_good_config_loads(files):
+    d, key, psk = files
+    cfg = config.load(write(d, GOOD.format(key=key, psk=psk)))
+    assert str(cfg.home_address) == "10.1.0.100" and cfg.spi == 256 and cfg.algorithm == "hmac-md5"
+    assert cfg.key == bytes.fromhex("00112233445566778899aabbccddeeff")
+    assert cfg.vpn.psk == b"a shared secret"
+    assert "key=" not in repr(cfg)          # the key never shows in a repr (logs)
+    assert check_config.check(write(d, GOOD.format(key=key, psk=psk))) == "mn"
+
+
+@pytest.mark.parametrize("change, key, reason", [
+    (("spi = 256", "spi = 12"), "mn.spi", "must be between 256"),
+    (('home_agent = "10.1.0.1"', 'home_agent = "10.1.0"'), "mn.home_agent", "IPv4 address"),
+    (('home_address = "10.1.0.100"', 'home_address = "10.9.0.100"'), "mn.home_address", "not inside"),
+    (('interfaces = ["eth0"]', 'interfaces = []'), "mn.interfaces", "non-empty"),
+    (('spi = 256', 'spi = 256\nlifetme = 5'), "mn.lifetme", "unknown key"),
+    (('internal_prefixes = ["10.0.0.0/8"]', 'internal_prefixes = ["192.168.0.0/16"]'),
+     "vpn.internal_prefixes", "must contain the home agent"),
+])
+def test_bad_config_names_key(files, change, key, reason):
+    d, k, psk = files
+    text = GOOD.format(key=k, psk=psk).replace(*change)
+    with pytest.raises(ConfigError) as e:
+        config.load(write(d, text))
+    assert e.value.key == key and reason in e.value.reason
+
+
+def test_world_readable_key_refused(files):
+    d, key, psk = files
+    psk.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"^vpn\.psk_file: .*0644"):
+        config.load(write(d, GOOD.format(key=key, psk=psk)))
+
+
+def test_check_config_command(files, capsys):
+    from agent import cli
+    d, key, psk = files
+    assert cli.main(["check-config", write(d, GOOD.format(key=key, psk=psk))]) == 0
+    assert "valid mn configuration" in capsys.readouterr().out
+    assert cli.main(["check-config", write(d, GOOD.format(key=key, psk=psk).replace("spi = 256", "spi = -1"))]) == 1
+    assert "mn.spi" in capsys.readouterr().err
