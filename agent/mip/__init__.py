@@ -1,0 +1,71 @@
+"""Mobile IPv4 protocol core (RFC 5944 with RFC 2794, 3024, 3519, 5265), sans-I/O.
+
+No sockets, no asyncio, no pyroute2: bytes, addresses and ``now`` (UNIX
+seconds) go in; datagrams to send, timer deadlines and typed events come
+out. The daemons (i-HA, i-FA, MN) own the sockets, the clock and the kernel.
+
+Modules:
+    messages   Registration Request/Reply, extensions, UDP tunnel data
+    icmp       Agent Advertisement / Solicitation
+    auth       security associations, authentication extensions, identification
+    engine     Datagram / IcmpPacket outputs shared by the engines
+    mn, ha, fa the mobile node, home agent and foreign agent engines
+
+The only exception a decoder raises is :class:`MipDecodeError`.
+"""
+
+from .auth import (
+    AuthAlgorithm,
+    AuthResult,
+    ReplayMode,
+    SecurityAssociation,
+    check,
+    ntp_timestamp,
+    ntp_to_unix,
+    sign,
+    verify,
+)
+from .constants import AdvFlag, RegFlag, ReplyCode
+from .engine import Datagram, IcmpPacket
+from .errors import MipConfigError, MipDecodeError
+from .fa import FaConfig, ForeignAgent, Visitor, VisitorAdded, VisitorRemoved, VisitorUpdated
+from .ha import (
+    Binding,
+    BindingAdded,
+    BindingRemoved,
+    BindingUpdated,
+    HaConfig,
+    HaNode,
+    HomeAgent,
+    TunnelPacket,
+)
+from .icmp import AgentAdvertisement, AgentSolicitation, decode_icmp
+from .messages import (
+    AuthExtension,
+    EncapsulatingDeliveryStyle,
+    NaiExtension,
+    RegistrationReply,
+    RegistrationRequest,
+    TrustedNetworksConfigured,
+    TunnelData,
+    UdpTunnelReply,
+    UdpTunnelRequest,
+    UnknownExtension,
+    decode_message,
+)
+from .mn import (
+    AgentAdvertised,
+    Denied,
+    Deregistered,
+    MnBinding,
+    MnConfig,
+    MnTunnelPacket,
+    MobileNode,
+    Registered,
+    RegistrationExpired,
+    TimedOut,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")
+           and name not in ("auth", "constants", "engine", "errors", "fa", "ha", "icmp",
+                            "messages", "mn")]
