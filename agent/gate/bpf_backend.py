@@ -1,0 +1,368 @@
+"""The gate in BPF: TC clsact egress + XDP ingress, state in pinned maps.
+
+Objects live on a bpffs the agent mounts itself (default /run/mipmobike/bpf;
+``ip netns exec`` remounts /sys, so /sys/fs/bpf is no place for them), one
+directory per agent instance:
+
+    <root>/<instance>/prog_egress  prog_ingress  prog_ingress_tc
+                     /map_ifstate  map_allow  map_config  map_counters
+
+A TC filter and a link-less XDP program stay attached to their device after
+the process that attached them is gone (the filter and the device hold the
+program, the program holds its maps), so a closed link stays closed when the
+agent dies. A restarted agent opens the pins (no compile) and reads the
+per-interface state from ``map_ifstate`` instead of opening anything. Were
+the pins lost (the bpffs mounted in a private mount namespace that ended),
+``recover()`` finds the maps again through the program attached to an
+interface's XDP hook.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import struct
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import bpfsys, loader
+from .allowlist import IKE_PORTS, AllowEntry
+from .defs import (ABI, DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, NR_REASONS, PROTO_HOST, REASON_NAMES,
+                   STATE_BY_VALUE, STATE_VALUE, GateError, GateState)
+
+log = logging.getLogger("mipmobike.gate")
+
+DEFAULT_BPFFS = "/run/mipmobike/bpf"
+TC_EGRESS = "ffff:fff3"
+TC_INGRESS = "ffff:fff2"
+TC_PRIO = 1          # first on the hook: nothing may accept a packet before the gate saw it
+TC_HANDLE = 1
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1
+
+PINS_PROG = {"gate_egress": "prog_egress", "gate_ingress": "prog_ingress",
+             "gate_ingress_tc": "prog_ingress_tc"}
+PINS_MAP = {m: f"map_{m}" for m in loader.MAPS}
+
+_IFSTATE = struct.Struct("=II")
+_ALLOW_KEY = struct.Struct("=4sHBB")       # addr (network order), port (network order), proto, pad
+_CONFIG = struct.Struct("=IIII")
+_COUNT = struct.Struct("=QQ")
+
+
+def is_bpffs(path: str) -> bool:
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == "bpf" and parts[1] == path:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def ensure_bpffs(root: str) -> None:
+    """Mount a bpffs on ``root`` unless one is there already."""
+    if is_bpffs(root):
+        return
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"bpf", os.fsencode(root), b"bpf", 0, b"mode=0700") != 0:
+        err = ctypes.get_errno()
+        raise GateError(f"cannot mount a bpffs on {root}: {os.strerror(err)}")
+
+
+def unmount_bpffs(root: str) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if is_bpffs(root):
+        libc.umount2(os.fsencode(root), 2)   # MNT_DETACH
+
+
+class BpfBackend:
+    name = "bpf"
+
+    def __init__(self, instance: str, *, bpffs: str = DEFAULT_BPFFS, rrq_mark: int = 0,
+                 rrq_mask: int = 0xFFFFFFFF, cache_dir: str | None = None, create: bool = True,
+                 ingress: str = "xdp") -> None:
+        self.instance = instance
+        self.root = bpffs
+        self.dir = os.path.join(bpffs, instance)
+        self.ingress_hook = ingress
+        self.tc_name = f"mipmobike-gate:{instance}"
+        self.maps: dict[str, bpfsys.Map] = {}
+        self.prog_fds: dict[str, int] = {}
+        self.adopted = False
+        ensure_bpffs(bpffs)
+        if self._pins_complete():
+            self._open_pins()
+            self.adopted = True
+        elif not create:
+            raise GateError(f"no gate objects pinned in {self.dir}")
+        else:
+            self._create(cache_dir)
+        cfg = self.maps["config"].lookup(struct.pack("=I", 0))
+        abi, mark, mask, _ = _CONFIG.unpack(cfg)
+        if self.adopted and abi != ABI:
+            self.release()
+            raise GateError(f"pinned gate in {self.dir} has ABI {abi}, this agent speaks {ABI}; "
+                            f"detach it with the agent that made it (or remove the pins)")
+        if not self.adopted or (mark, mask) != (rrq_mark, rrq_mask if rrq_mark else 0):
+            self.maps["config"].update(struct.pack("=I", 0),
+                                       _CONFIG.pack(ABI, rrq_mark, rrq_mask if rrq_mark else 0, 0))
+
+    # -- objects ---------------------------------------------------------
+    def _pins_complete(self) -> bool:
+        names = list(PINS_PROG.values()) + list(PINS_MAP.values())
+        return all(os.path.exists(os.path.join(self.dir, n)) for n in names)
+
+    def _open_pins(self) -> None:
+        try:
+            for m, pin in PINS_MAP.items():
+                self.maps[m] = bpfsys.Map.pinned(os.path.join(self.dir, pin))
+            for p, pin in PINS_PROG.items():
+                self.prog_fds[p] = bpfsys.obj_get(os.path.join(self.dir, pin))
+        except OSError as e:
+            self.release()
+            raise GateError(f"cannot open pinned gate objects in {self.dir}: {e}") from None
+
+    def _create(self, cache_dir: str | None) -> None:
+        if os.path.isdir(self.dir):
+            # a partial set (crash while pinning): start over; attach() will
+            # replace whatever programs are still attached
+            shutil.rmtree(self.dir, ignore_errors=True)
+        prog_fds, map_fds = loader.instantiate(cache_dir)
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            for m, fd in map_fds.items():
+                bpfsys.obj_pin(fd, os.path.join(self.dir, PINS_MAP[m]))
+            for p, fd in prog_fds.items():
+                bpfsys.obj_pin(fd, os.path.join(self.dir, PINS_PROG[p]))
+        except OSError as e:
+            for fd in list(map_fds.values()) + list(prog_fds.values()):
+                os.close(fd)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise GateError(f"cannot pin gate objects in {self.dir}: {e}") from None
+        self.maps = {m: bpfsys.Map(fd) for m, fd in map_fds.items()}
+        self.prog_fds = prog_fds
+
+    def release(self) -> None:
+        """Close our fds; the kernel objects (and the gate) stay."""
+        for m in self.maps.values():
+            m.close()
+        for fd in self.prog_fds.values():
+            os.close(fd)
+        self.maps, self.prog_fds = {}, {}
+
+    # -- per-interface state ---------------------------------------------
+    def _states(self) -> dict[int, tuple[int, int]]:
+        out = {}
+        for k, v in self.maps["ifstate"].items():
+            out[struct.unpack("=I", k)[0]] = _IFSTATE.unpack(v)
+        return out
+
+    def states(self) -> dict[int, GateState]:
+        return {i: STATE_BY_VALUE.get(s, GateState.CLOSED) for i, (s, _) in self._states().items()}
+
+    def _set(self, ifindex: int, state: GateState) -> None:
+        cur = self._states()
+        if ifindex in cur:
+            slot = cur[ifindex][1]
+        else:
+            used = {s for _, s in cur.values()}
+            free = [s for s in range(1, MAX_SLOTS) if s not in used]
+            if not free:
+                raise GateError(f"the gate handles at most {MAX_SLOTS - 1} interfaces")
+            slot = free[0]
+            self._zero_slot(slot)
+        self.maps["ifstate"].update(struct.pack("=I", ifindex), _IFSTATE.pack(STATE_VALUE[state], slot))
+
+    def set_state(self, ifname: str, ifindex: int, state: GateState) -> None:
+        if ifindex not in self._states():
+            raise GateError(f"gate is not attached to {ifname}")
+        self._set(ifindex, state)
+
+    def _zero_slot(self, slot: int) -> None:
+        c = self.maps["counters"]
+        zero = bytes(c.buf_size)
+        for d in (DIR_EGRESS, DIR_INGRESS):
+            for r in range(NR_REASONS):
+                c.update(struct.pack("=I", (slot * 2 + d) * NR_REASONS + r), zero)
+
+    def counters(self, ifname: str, ifindex: int) -> dict:
+        st = self._states().get(ifindex)
+        if st is None:
+            raise GateError(f"gate is not attached to {ifname}")
+        return self._slot_counters(st[1])
+
+    def unknown_counters(self) -> dict:
+        """Packets on interfaces carrying a gate program but no state (dropped)."""
+        return self._slot_counters(0)
+
+    def _slot_counters(self, slot: int) -> dict:
+        c = self.maps["counters"]
+        out = {}
+        for d, dname in ((DIR_EGRESS, "egress"), (DIR_INGRESS, "ingress")):
+            passed, dropped = {}, {}
+            for r in range(NR_REASONS):
+                raw = c.lookup(struct.pack("=I", (slot * 2 + d) * NR_REASONS + r))
+                pk = by = 0
+                for v in c.percpu_values(raw or bytes(c.buf_size)):
+                    p_, b_ = _COUNT.unpack(v)
+                    pk += p_
+                    by += b_
+                kind, reason = REASON_NAMES[r]
+                (passed if kind == "pass" else dropped)[reason] = pk
+            out[dname] = {"pass": passed, "drop": dropped}
+        return out
+
+    # -- attach / detach ---------------------------------------------------
+    def attach(self, ifname: str, ifindex: int, state: GateState) -> None:
+        # state first: the programs find the interface in the wanted state
+        # from their first packet on (and fail closed without it)
+        self._set(ifindex, state)
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise GateError(f"{ifname}: cannot add clsact qdisc: {e}") from None
+            self._tc_attach(ipr, ifname, ifindex, TC_EGRESS, "gate_egress")
+            if self.ingress_hook == "xdp":
+                if not self._xdp_attach(ipr, ifname, ifindex):
+                    log.warning("gate: %s: XDP hook taken by another program; gating ingress with TC",
+                                ifname)
+                    self._tc_attach(ipr, ifname, ifindex, TC_INGRESS, "gate_ingress_tc")
+            else:
+                self._tc_attach(ipr, ifname, ifindex, TC_INGRESS, "gate_ingress_tc")
+
+    def _tc_attach(self, ipr, ifname, ifindex, parent, prog) -> None:
+        try:
+            ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=self.prog_fds[prog],
+                   name=self.tc_name, parent=parent, classid=1, direct_action=True, prio=TC_PRIO)
+        except NetlinkError as e:
+            raise GateError(f"{ifname}: cannot attach {prog} (tc {parent}): {e}") from None
+
+    def _xdp_prog_id(self, ipr, ifindex) -> int:
+        links = ipr.get_links(ifindex)
+        xdp = links[0].get_attr("IFLA_XDP") if links else None
+        return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp is not None else 0
+
+    def _xdp_attach(self, ipr, ifname, ifindex) -> bool:
+        ours = bpfsys.prog_info(self.prog_fds["gate_ingress"])["id"]
+        cur = self._xdp_prog_id(ipr, ifindex)
+        if cur == ours:
+            return True
+        if cur and not self._is_our_prog(cur):
+            return False
+        try:
+            # replaces an older gate program atomically (no unguarded moment)
+            ipr.link("set", index=ifindex, xdp_fd=self.prog_fds["gate_ingress"])
+        except NetlinkError as e:
+            raise GateError(f"{ifname}: cannot attach XDP program: {e}") from None
+        return True
+
+    def _is_our_prog(self, prog_id: int) -> bool:
+        """Is ``prog_id`` a gate ingress program (this one, or one whose pins were lost)?"""
+        try:
+            fd = bpfsys.prog_fd_by_id(prog_id)
+        except OSError:
+            return False
+        try:
+            return bpfsys.prog_info(fd)["name"] == "gate_ingress"
+        finally:
+            os.close(fd)
+
+    def attached(self, ifindex: int) -> dict:
+        """Which hooks carry a gate program on ``ifindex``."""
+        out = {"egress": False, "ingress": None}
+        with IPRoute() as ipr:
+            for parent, key in ((TC_EGRESS, "egress"), (TC_INGRESS, "ingress_tc")):
+                try:
+                    flts = ipr.get_filters(ifindex, parent=parent)
+                except NetlinkError:
+                    flts = []
+                for f in flts:
+                    opts = f.get_attr("TCA_OPTIONS")
+                    if opts is not None and opts.get_attr("TCA_BPF_NAME") == self.tc_name:
+                        if key == "egress":
+                            out["egress"] = True
+                        else:
+                            out["ingress"] = "tc"
+            xid = self._xdp_prog_id(ipr, ifindex)
+            if xid and xid == bpfsys.prog_info(self.prog_fds["gate_ingress"])["id"]:
+                out["ingress"] = "xdp"
+        return out
+
+    def detach(self, ifname: str, ifindex: int) -> None:
+        with IPRoute() as ipr:
+            for parent in (TC_EGRESS, TC_INGRESS):
+                try:
+                    for f in ipr.get_filters(ifindex, parent=parent):
+                        opts = f.get_attr("TCA_OPTIONS")
+                        if opts is not None and opts.get_attr("TCA_BPF_NAME") == self.tc_name:
+                            ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent,
+                                   prio=f["info"] >> 16)
+                except NetlinkError as e:
+                    if e.code not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                        raise
+            try:
+                xid = self._xdp_prog_id(ipr, ifindex)
+                if xid and self._is_our_prog(xid):
+                    ipr.link("set", index=ifindex, xdp_fd=-1)
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise
+            try:
+                remaining = [f for p in (TC_EGRESS, TC_INGRESS) for f in ipr.get_filters(ifindex, parent=p)
+                             if f.get_attr("TCA_OPTIONS") is not None]
+                if not remaining:
+                    ipr.tc("del", "clsact", ifindex)
+            except NetlinkError:
+                pass
+        # state last: until the programs are gone, the link stays gated
+        cur = self._states().get(ifindex)
+        self.maps["ifstate"].delete(struct.pack("=I", ifindex))
+        if cur:
+            self._zero_slot(cur[1])
+
+    def forget(self, ifindex: int) -> None:
+        """Drop the state of an interface that no longer exists."""
+        self.maps["ifstate"].delete(struct.pack("=I", ifindex))
+
+    # -- allow-list mirror -----------------------------------------------
+    def sync_allowed(self, entries: list[AllowEntry]) -> None:
+        want = {}
+        for e in entries:
+            a = socket.inet_aton(e.addr)
+            want[_ALLOW_KEY.pack(a, socket.htons(e.port), e.proto, 0)] = 1
+            if e.proto in (socket.IPPROTO_UDP, 50):
+                want[_ALLOW_KEY.pack(a, 0, PROTO_HOST, 0)] = 1
+        m = self.maps["allow"]
+        for k in want:
+            m.update(k, struct.pack("=I", 1))
+        for k in m.keys():
+            if k not in want:
+                m.delete(k)
+
+    def allowed_keys(self) -> list[tuple[str, int, int]]:
+        out = []
+        for k in self.maps["allow"].keys():
+            a, port, proto, _ = _ALLOW_KEY.unpack(k)
+            if proto != PROTO_HOST:
+                out.append((socket.inet_ntoa(a), proto, socket.ntohs(port)))
+        return sorted(out)
+
+    def destroy(self) -> None:
+        """Remove the pins (call after detaching every interface)."""
+        self.release()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+__all__ = ["BpfBackend", "DEFAULT_BPFFS", "ensure_bpffs", "unmount_bpffs", "is_bpffs", "IKE_PORTS"]

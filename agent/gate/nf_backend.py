@@ -1,0 +1,254 @@
+"""The gate in netfilter, for hosts where the BPF gate cannot run.
+
+Same states, same admitted traffic, same allow-list: the rules match the
+agent's ipset directly (``-m set --match-set mipmobike-<instance>``), so the
+set an operator sees with ``ipset list`` is what the kernel enforces.
+
+Per gated interface (ifindex N) there are two chains per family, reached by a
+rule inserted first in the base chain and tagged with a comment:
+
+    raw    PREROUTING   -i IF -j mmb-<instance>-N-in     ingress
+    mangle POSTROUTING  -o IF -j mmb-<instance>-N-out    egress (local and forwarded)
+
+(ip6tables gets the same chains; closed lets only neighbour discovery
+through.) Each rule in those chains carries a comment "pass <reason>" or
+"drop <reason>"; its packet counter is the reason's counter. The state is the
+first rule: "state open" / "state off" RETURN, absent when closed. Rules are
+kernel state: they outlive the agent (fail-closed) and a restarted agent reads
+the state back from them.
+
+Differences from the BPF gate, inherent to netfilter: ARP is never filtered
+(iptables does not see it; it is always allowed anyway) and not counted;
+packets sent on AF_PACKET sockets (a raw DHCP client, for instance) bypass
+iptables entirely; non-first IPv4 fragments are dropped (the BPF gate admits
+those to and from allowed peers) unless conntrack reassembles them first.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+from .defs import DROP_REASONS, PASS_REASONS, GateError, GateState, empty_counters
+
+TABLE_IN, BASE_IN = "raw", "PREROUTING"
+TABLE_OUT, BASE_OUT = "mangle", "POSTROUTING"
+_RULE_RE = re.compile(r'^\[(\d+):(\d+)\] -A (\S+) (.*)$')
+_COMMENT_RE = re.compile(r'--comment "?([^"]+?)"? (?:-j|$)')
+
+
+class NetfilterBackend:
+    name = "netfilter"
+
+    def __init__(self, instance: str, ipset_name: str, *, rrq_mark: int = 0,
+                 rrq_mask: int = 0xFFFFFFFF) -> None:
+        for tool in ("iptables-restore", "iptables-save", "ip6tables-restore", "ip6tables-save"):
+            if shutil.which(tool) is None:
+                raise GateError(f"netfilter gate needs {tool}, which is not installed")
+        self.instance = instance
+        self.ipset = ipset_name
+        self.rrq_mark = rrq_mark
+        self.rrq_mask = rrq_mask
+        self.tag = f"mipmobike-gate:{instance}"
+        self.adopted = bool(self.states())
+
+    # -- helpers -----------------------------------------------------------
+    def _chain(self, ifindex: int, direction: str) -> str:
+        return f"mmb-{self.instance}-{ifindex}-{direction}"
+
+    @staticmethod
+    def _run(argv: list[str], input: str | None = None) -> str:
+        p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=30)
+        if p.returncode:
+            raise GateError(f"{argv[0]} failed: {(p.stderr or p.stdout).strip()}")
+        return p.stdout
+
+    def _restore(self, family: int, text: str) -> None:
+        tool = "iptables-restore" if family == 4 else "ip6tables-restore"
+        self._run([tool, "-w", "--noflush"], input=text)
+
+    def _save(self, family: int, table: str) -> list[tuple[int, int, str, str]]:
+        tool = "iptables-save" if family == 4 else "ip6tables-save"
+        out = []
+        for line in self._run([tool, "-c", "-t", table]).splitlines():
+            m = _RULE_RE.match(line)
+            if m:
+                out.append((int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)))
+        return out
+
+    # -- rule text ---------------------------------------------------------
+    def _jump(self, ifname: str, ifindex: int, direction: str) -> str:
+        base, opt = (BASE_IN, "-i") if direction == "in" else (BASE_OUT, "-o")
+        return (f"{base} {opt} {ifname} -m comment --comment \"{self.tag}:{ifname}\" "
+                f"-j {self._chain(ifindex, direction)}")
+
+    def _rules4(self, chain: str, direction: str) -> list[str]:
+        eg = direction == "out"
+        peer = "dst,dst" if eg else "src,src"
+        s = f"-m set --match-set {self.ipset} {peer}"
+        dhcp = "--sport 68 --dport 67" if eg else "--sport 67 --dport 68"
+        ike = f"-m multiport {'--dports' if eg else '--sports'} 500,4500"
+        r = [f"-p udp {dhcp} -m comment --comment \"pass dhcp\" -j RETURN",
+             "-p icmp --icmp-type 9 -m comment --comment \"pass rdisc\" -j RETURN",
+             "-p icmp --icmp-type 10 -m comment --comment \"pass rdisc\" -j RETURN",
+             f"-p udp {s} {ike} -m comment --comment \"pass ike\" -j RETURN"]
+        if eg and self.rrq_mark:
+            r += [f"-p udp {s} -m mark --mark {self.rrq_mark:#x}/{self.rrq_mask:#x} "
+                  f"-m comment --comment \"pass mip\" -j RETURN",
+                  f"-p udp {s} -m comment --comment \"drop mip_nomark\" -j DROP"]
+        else:
+            r += [f"-p udp {s} -m comment --comment \"pass mip\" -j RETURN"]
+        r += [f"-p esp {s} -m comment --comment \"pass esp\" -j RETURN",
+              f"-f -m comment --comment \"drop frag\" -j DROP",
+              f"{s} -m comment --comment \"pass allow\" -j RETURN",
+              "-p icmp -m comment --comment \"drop icmp\" -j DROP",
+              "-p tcp -m comment --comment \"drop tcp\" -j DROP",
+              "-p udp -m comment --comment \"drop udp\" -j DROP",
+              "-m comment --comment \"drop other_ip\" -j DROP"]
+        return [f"-A {chain} {x}" for x in r]
+
+    @staticmethod
+    def _rules6(chain: str) -> list[str]:
+        r = [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m comment --comment \"pass nd\" -j RETURN"
+             for t in (133, 134, 135, 136)]
+        r.append("-m comment --comment \"drop ipv6\" -j DROP")
+        return [f"-A {chain} {x}" for x in r]
+
+    @staticmethod
+    def _state_rule(chain: str, state: GateState) -> str | None:
+        if state == GateState.CLOSED:
+            return None
+        return f"{chain} -m comment --comment \"state {state.value}\" -j RETURN"
+
+    # -- state ---------------------------------------------------------------
+    def _parsed(self) -> dict[int, dict]:
+        """ifindex -> {"ifname", "state", "rules": [(pk, bytes, chain, spec)]} from the v4 tables."""
+        out: dict[int, dict] = {}
+        rules = self._save(4, TABLE_IN) + self._save(4, TABLE_OUT)
+        prefix = f"mmb-{self.instance}-"
+        for pk, by, chain, spec in rules:
+            if chain in (BASE_IN, BASE_OUT) and f"{self.tag}:" in spec:
+                m = re.search(r"-j (" + re.escape(prefix) + r"(\d+)-(in|out))", spec)
+                n = re.search(r'-[io] (\S+)', spec)
+                if m and n:
+                    out.setdefault(int(m.group(2)), {"rules": []})["ifname"] = n.group(1)
+        for pk, by, chain, spec in rules:
+            if chain.startswith(prefix):
+                try:
+                    idx = int(chain[len(prefix):].rsplit("-", 1)[0])
+                except ValueError:
+                    continue
+                out.setdefault(idx, {"rules": []})["rules"].append((pk, by, chain, spec))
+        for idx, d in out.items():
+            st = GateState.CLOSED
+            for _, _, chain, spec in d["rules"]:
+                m = _COMMENT_RE.search(spec)
+                if m and m.group(1).startswith("state "):
+                    st = GateState(m.group(1)[len("state "):])
+                    break
+            d["state"] = st
+        return out
+
+    def states(self) -> dict[int, GateState]:
+        return {i: d["state"] for i, d in self._parsed().items() if "ifname" in d}
+
+    def attach(self, ifname: str, ifindex: int, state: GateState) -> None:
+        cur = self._parsed().get(ifindex)
+        if cur is not None and "ifname" in cur:
+            self.set_state(ifname, ifindex, state)
+            return
+        for family in (4, 6):
+            text = []
+            for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
+                chain = self._chain(ifindex, direction)
+                text.append(f"*{table}")
+                text.append(f":{chain} - [0:0]")
+                sr = self._state_rule(chain, state)
+                if sr:
+                    text.append(f"-A {sr}")
+                text += self._rules4(chain, direction) if family == 4 else self._rules6(chain)
+                base = self._jump(ifname, ifindex, direction)
+                b, rest = base.split(" ", 1)
+                text.append(f"-I {b} 1 {rest}")
+                text.append("COMMIT")
+            self._restore(family, "\n".join(text) + "\n")
+
+    def set_state(self, ifname: str, ifindex: int, state: GateState) -> None:
+        cur = self._parsed().get(ifindex)
+        if cur is None or "ifname" not in cur:
+            raise GateError(f"gate is not attached to {ifname}")
+        if cur["state"] == state:
+            return
+        for family in (4, 6):
+            text = []
+            # closing removes the state rule from egress first; opening from ingress first
+            dirs = (("out", TABLE_OUT), ("in", TABLE_IN))
+            for direction, table in (dirs if state == GateState.CLOSED else dirs[::-1]):
+                chain = self._chain(ifindex, direction)
+                text.append(f"*{table}")
+                old = self._state_rule(chain, cur["state"])
+                if old:
+                    text.append(f"-D {old}")
+                new = self._state_rule(chain, state)
+                if new:
+                    c, rest = new.split(" ", 1)
+                    text.append(f"-I {c} 1 {rest}")
+                text.append("COMMIT")
+            self._restore(family, "\n".join(text) + "\n")
+
+    def counters(self, ifname: str, ifindex: int) -> dict:
+        out = empty_counters()
+        out["egress"]["pass"]["arp"] = out["ingress"]["pass"]["arp"] = None   # not seen by iptables
+        found = False
+        for family in (4, 6):
+            for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
+                chain = self._chain(ifindex, direction)
+                d = out["ingress" if direction == "in" else "egress"]
+                for pk, _by, c, spec in self._save(family, table):
+                    if c != chain:
+                        continue
+                    found = True
+                    m = _COMMENT_RE.search(spec)
+                    if not m:
+                        continue
+                    kind, _, reason = m.group(1).partition(" ")
+                    if kind == "state":
+                        if reason == "open":
+                            d["pass"]["open"] += pk
+                    elif kind in ("pass", "drop") and reason in (PASS_REASONS if kind == "pass" else DROP_REASONS):
+                        d[kind][reason] += pk
+        if not found:
+            raise GateError(f"gate is not attached to {ifname}")
+        return out
+
+    def detach(self, ifname: str, ifindex: int) -> None:
+        for family in (4, 6):
+            text = []
+            for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
+                chain = self._chain(ifindex, direction)
+                rules = self._save(family, table)
+                if not any(c == chain for _, _, c, _ in rules) and not any(
+                        f"-j {chain}" in s for _, _, _, s in rules):
+                    continue
+                text.append(f"*{table}")
+                for _, _, c, spec in rules:
+                    if c in (BASE_IN, BASE_OUT) and spec.endswith(f"-j {chain}"):
+                        text.append(f"-D {c} {spec}")
+                text.append(f":{chain} - [0:0]")
+                text.append(f"-X {chain}")
+                text.append("COMMIT")
+            if text:
+                self._restore(family, "\n".join(text) + "\n")
+
+    def forget(self, ifindex: int) -> None:
+        self.detach(f"#{ifindex}", ifindex)
+
+    def sync_allowed(self, entries) -> None:
+        pass    # the rules read the ipset itself
+
+    def release(self) -> None:
+        pass
+
+    def destroy(self) -> None:
+        pass
