@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "fa": (None, "run the internal foreign agent (i-FA)"),
     "status": (None, "show a running daemon's state"),
     "check-config": ("agent.check_config", "validate a configuration file"),
-    "gate": (None, "inspect or open the trust-detection gate"),
+    "gate": ("agent.gate.cli", "inspect or open the trust-detection gate"),
     "testbed": (None, "build the RFC 5266 Figure-1 testbed in namespaces"),
     "demo": (None, "run the scripted roaming demo"),
     "bench": (None, "run the kernel-path performance suite"),
