@@ -497,7 +497,7 @@ class HomeAgent(EngineBase):
 
     def _install(self, binding: Binding, multi: bool) -> None:
         hoa = binding.home_address
-        per = self.bindings.setdefault(hoa, {})
+        per = self.bindings.get(hoa, {})
         previous = per.get(binding.care_of_address)
         if not multi:
             if previous is None and per:
@@ -509,7 +509,7 @@ class HomeAgent(EngineBase):
                 self._forget(previous)
         elif previous is not None:
             self._forget(previous)
-        per[binding.care_of_address] = binding
+        self.bindings.setdefault(hoa, {})[binding.care_of_address] = binding
         self._count += 1
         if binding.udp_tunnel:
             self._udp_peers[(binding.source_address, binding.source_port)] = binding

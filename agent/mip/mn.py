@@ -288,6 +288,9 @@ class MobileNode(EngineBase):
         """
         coa = to_ipv4(care_of_address)
         fa = to_ipv4(foreign_agent) if foreign_agent is not None else None
+        if lifetime is not None and not 0 < lifetime <= LIFETIME_INFINITE:
+            raise MipConfigError("lifetime must be 1..65535 (use deregister() for 0)")
+        self._renew_at = None  # the old binding is not renewed once we move on
         self._start(now, coa, fa, self.config.lifetime if lifetime is None else lifetime,
                     renewal=False)
 
