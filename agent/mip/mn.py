@@ -257,6 +257,7 @@ class MobileNode(EngineBase):
         self._attempt: _Attempt | None = None
         self._binding: MnBinding | None = None
         self._renew_at: float | None = None
+        self._renew_lifetime = config.lifetime  # lifetime asked for by the last success
         self.clock_offset = 0.0  # seconds added to now for timestamps (learnt from 133)
         self._ha_nonce = 0
         self._last_ident: int | None = None
@@ -408,7 +409,7 @@ class MobileNode(EngineBase):
             b = self._binding
             if b is not None:
                 self.counters["renewals"] += 1
-                self._start(now, b.care_of_address, b.foreign_agent, self.config.lifetime,
+                self._start(now, b.care_of_address, b.foreign_agent, self._renew_lifetime,
                             renewal=True)
 
     # ------------------------------------------------------------------ internals
@@ -545,6 +546,7 @@ class MobileNode(EngineBase):
             udp_tunnel=udp, keepalive=utr.keepalive if udp else None,
             reverse_tunnel=cfg.reverse_tunnel)
         self._renew_at = None if infinite else sent_at + granted * cfg.renew_fraction
+        self._renew_lifetime = att.lifetime
         self.counters["registered"] += 1
         self._event(Registered(self._binding, granted, tnc, code))
 
