@@ -324,7 +324,9 @@ class AsyncXfrm:
     async def flush_owned(self) -> tuple:
         """Delete every policy and SA that :attr:`owner` marks as ours (see
         :class:`xfrm.model.Owner`), and nothing else. Returns
-        ``(sas_deleted, policies_deleted)``."""
+        ``(sas_deleted, policies_deleted)``. Larval states the kernel made for
+        an ACQUIRE (SPI 0) cannot be deleted one by one; they expire by
+        themselves (or are replaced when the real SA is added)."""
         if self.owner is None:
             raise ValueError("flush_owned() needs an owner")
         npol = nsa = 0
@@ -333,6 +335,8 @@ class AsyncXfrm:
             if await self.delete_policy(pid, missing_ok=True):
                 npol += 1
         for sa in await self.sas(owned_only=True):
+            if sa.spi == 0:
+                continue      # an ACQUIRE's larval state: not addressable, expires by itself
             if await self.delete_sa(sa, missing_ok=True):
                 nsa += 1
         return nsa, npol
