@@ -45,6 +45,8 @@ import socket
 
 from xfrm import socket_bypass
 
+from .nsutil import netns as _netns
+
 # "MM" + 0x0434 (port 434): the fwmark of detection packets
 DETECT_MARK = 0x4D4D0434
 DETECT_MASK = 0xFFFFFFFF
@@ -53,14 +55,16 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
 def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
-                          mark: int = DETECT_MARK, blocking: bool = False) -> socket.socket:
+                          mark: int = DETECT_MARK, blocking: bool = False,
+                          netns: str | None = None) -> socket.socket:
     """A UDP socket for the detection RRQ on physical interface ``ifname``.
 
     Bound to ``local_addr`` (the new care-of address on that interface) and
     ``port`` (0: any), pinned to the device, exempt from IPsec policies in
     both directions, and marked so the closed gate passes its datagrams to
     the home agent. Needs CAP_NET_ADMIN. Send the RRQ with ``sendto`` to
-    (home agent, 434); the reply arrives on this socket.
+    (home agent, 434); the reply arrives on this socket. ``netns``: create
+    it in that named network namespace (as ``Gate(netns=...)``).
     """
     try:
         ipaddress.IPv4Address(local_addr)
@@ -68,7 +72,8 @@ def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
         raise ValueError(f"detection socket: {local_addr!r} is not an IPv4 address") from None
     if not ifname or len(ifname) > 15:
         raise ValueError(f"detection socket: bad interface name {ifname!r}")
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with _netns(netns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
         s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
