@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "status": (None, "show a running daemon's state"),
     "check-config": ("agent.check_config", "validate a configuration file"),
     "gate": ("agent.gate.cli", "inspect or open the trust-detection gate"),
-    "testbed": (None, "build the RFC 5266 Figure-1 testbed in namespaces"),
+    "testbed": ("agent.testbed.cli", "build the RFC 5266 Figure-1 testbed in namespaces"),
     "demo": (None, "run the scripted roaming demo"),
     "bench": (None, "run the kernel-path performance suite"),
     "doctor": ("agent.doctor", "report what this host offers the agent"),
