@@ -104,6 +104,9 @@ __all__ = [
 ]
 
 _ZERO = IPv4Address(0)
+# plain ints: IntFlag arithmetic is slow on the hot path
+_S, _D, _M, _G, _T = (int(RegFlag.S), int(RegFlag.D), int(RegFlag.M), int(RegFlag.G),
+                      int(RegFlag.T))
 
 
 @dataclass
@@ -257,6 +260,7 @@ class HomeAgent(EngineBase):
         self._count = 0
         self._heap: list = []
         self._udp_peers: dict[tuple, Binding] = {}
+        self._trusted = [(int(p.network_address), int(p.netmask)) for p in config.trusted_prefixes]
 
     # ------------------------------------------------------------------ config
 
@@ -394,7 +398,7 @@ class HomeAgent(EngineBase):
                 self._drop("fa_auth_failed", str(src))
                 return reply.send(ReplyCode.HA_FA_FAILED_AUTH)
             reply.fa_sa = fa_sa
-        elif cfg.require_fa_auth and not req.colocated:
+        elif cfg.require_fa_auth and not int(req.flags) & _D:
             self._drop("fa_auth_failed", f"{src}: no FA security association")
             return reply.send(ReplyCode.HA_FA_FAILED_AUTH)
         # 4. home agent address
@@ -423,16 +427,16 @@ class HomeAgent(EngineBase):
         if req.care_of_address == _ZERO or (utr is not None and utr.sub_type != 0):
             return reply.send(ReplyCode.HA_POORLY_FORMED_REQUEST)
         # 8. reverse tunnelling
-        flags = req.flags
-        if flags & RegFlag.T and not cfg.reverse_tunnel_supported:
+        flags = int(req.flags)
+        if flags & _T and not cfg.reverse_tunnel_supported:
             return reply.send(ReplyCode.HA_REVERSE_TUNNEL_UNAVAILABLE)
-        if not flags & RegFlag.T and node.reverse_tunnel_required:
+        if not flags & _T and node.reverse_tunnel_required:
             return reply.send(ReplyCode.HA_REVERSE_TUNNEL_MANDATORY)
         # 9. encapsulation
-        encap = ENCAP_GRE if flags & RegFlag.G else ENCAP_MINIMAL if flags & RegFlag.M \
+        encap = ENCAP_GRE if flags & _G else ENCAP_MINIMAL if flags & _M \
             else ENCAP_IPIP
-        if ((flags & RegFlag.G and ENCAP_GRE not in cfg.encapsulations)
-                or (flags & RegFlag.M and ENCAP_MINIMAL not in cfg.encapsulations)
+        if ((flags & _G and ENCAP_GRE not in cfg.encapsulations)
+                or (flags & _M and ENCAP_MINIMAL not in cfg.encapsulations)
                 or (utr is not None and utr.encapsulation not in cfg.udp_encapsulations)):
             return reply.send(ReplyCode.HA_ENCAPSULATION_UNAVAILABLE)
         # 10. UDP tunnelling (RFC 3519)
@@ -454,7 +458,7 @@ class HomeAgent(EngineBase):
         hoa = node.home_address
         per = self.bindings.get(hoa, {})
         code = ReplyCode.ACCEPTED
-        multi = bool(flags & RegFlag.S)
+        multi = bool(flags & _S)
         if multi and cfg.max_bindings_per_node <= 1:
             code = ReplyCode.ACCEPTED_NO_SIMULTANEOUS
             multi = False
@@ -468,14 +472,15 @@ class HomeAgent(EngineBase):
         cap = node.max_lifetime if node.max_lifetime is not None else cfg.max_lifetime
         granted = min(req.lifetime, cap)
         infinite = granted == LIFETIME_INFINITE
-        trusted = any(src in p for p in cfg.trusted_prefixes)
+        isrc = int(src)
+        trusted = any(isrc & mask == net for net, mask in self._trusted)
         nai = req.covered(EXT_NAI)
         binding = Binding(
             home_address=hoa, care_of_address=req.care_of_address, lifetime=granted,
-            registered_at=now, expires_at=None if infinite else now + granted, flags=flags,
+            registered_at=now, expires_at=None if infinite else now + granted, flags=req.flags,
             source_address=src, source_port=src_port, nat_detected=nat, udp_tunnel=udp,
-            reverse_tunnel=bool(flags & RegFlag.T),
-            foreign_agent=None if req.colocated else src, trusted=trusted,
+            reverse_tunnel=bool(flags & _T),
+            foreign_agent=None if flags & _D else src, trusted=trusted,
             encapsulation=encap, identification=req.identification,
             nai=nai.nai if nai is not None else None)
         self._install(binding, multi)
@@ -486,7 +491,7 @@ class HomeAgent(EngineBase):
 
     def _deregister(self, req, reply, node) -> None:
         per = self.bindings.get(node.home_address, {})
-        if req.care_of_address == node.home_address or not req.flags & RegFlag.S:
+        if req.care_of_address == node.home_address or not int(req.flags) & _S:
             victims = list(per.values())
         else:
             victims = [b for b in per.values() if b.care_of_address == req.care_of_address]

@@ -89,10 +89,20 @@ _U32 = struct.Struct("!I")
 IPv4Like = Union[IPv4Address, str, int]
 
 
+_STR_CACHE: dict = {}
+
+
 def to_ipv4(value: IPv4Like) -> IPv4Address:
     """Return ``value`` (an IPv4Address, dotted string or 32-bit int) as IPv4Address."""
-    if isinstance(value, IPv4Address):
+    if type(value) is IPv4Address:
         return value
+    if type(value) is str:  # daemons pass socket addresses as strings: cache the parse
+        addr = _STR_CACHE.get(value)
+        if addr is None:
+            if len(_STR_CACHE) >= 4096:
+                _STR_CACHE.clear()
+            addr = _STR_CACHE[value] = IPv4Address(value)
+        return addr
     return IPv4Address(value)
 
 
@@ -432,8 +442,10 @@ class _RegistrationMessage:
 
 
 def _check_common(msg):
-    for name in ("home_address", "home_agent"):
-        _set(msg, name, to_ipv4(getattr(msg, name)))
+    if type(msg.home_address) is not IPv4Address:
+        _set(msg, "home_address", to_ipv4(msg.home_address))
+    if type(msg.home_agent) is not IPv4Address:
+        _set(msg, "home_agent", to_ipv4(msg.home_agent))
     if not 0 <= msg.lifetime <= 0xFFFF:
         raise ValueError(f"lifetime out of range: {msg.lifetime}")
     if not 0 <= msg.identification <= 0xFFFFFFFFFFFFFFFF:
@@ -463,10 +475,12 @@ class RegistrationRequest(_RegistrationMessage):
 
     def __post_init__(self):
         _check_common(self)
-        _set(self, "care_of_address", to_ipv4(self.care_of_address))
-        if not 0 <= int(self.flags) <= 0xFF:
-            raise ValueError("flags out of range")
-        _set(self, "flags", RegFlag(int(self.flags)))
+        if type(self.care_of_address) is not IPv4Address:
+            _set(self, "care_of_address", to_ipv4(self.care_of_address))
+        if type(self.flags) is not RegFlag:
+            if not 0 <= int(self.flags) <= 0xFF:
+                raise ValueError("flags out of range")
+            _set(self, "flags", RegFlag(int(self.flags)))
 
     def _fixed(self) -> bytes:
         return _RRQ.pack(1, int(self.flags), self.lifetime, int(self.home_address),
