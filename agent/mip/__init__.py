@@ -12,6 +12,33 @@ Modules:
     mn, ha, fa the mobile node, home agent and foreign agent engines
 
 The only exception a decoder raises is :class:`MipDecodeError`.
+
+Engine contract (all three engines; ``now`` is UNIX time, ``time.time()``)::
+
+    engine.receive_datagram(data, src_ip, src_port, dst_ip, now)   # UDP 434
+    engine.receive_icmp(icmp_bytes, src_ip, now)       # MN and FA (no IP header)
+    engine.handle_timer(now)                           # when now >= get_timer()
+    engine.get_timer() -> float | None                 # next deadline
+    engine.datagrams_to_send() -> [Datagram | IcmpPacket]
+    engine.next_event() -> event | None
+    engine.counters                                    # dict of drop/accept counts
+
+MobileNode(MnConfig, rng=None)
+    register(now, care_of_address, foreign_agent=None, lifetime=None)
+    deregister(now, care_of_address=None, foreign_agent=None)
+    cancel(), solicit(now), send_tunnel_data(payload), binding, pending, clock_offset
+    events: Registered(binding, lifetime, tnc, code), Denied(code, care_of_address,
+            lifetime, deregistration), TimedOut, Deregistered, RegistrationExpired,
+            AgentAdvertised(source, advertisement, rebooted), MnTunnelPacket
+HomeAgent(HaConfig(address, nodes=[HaNode(...)], ...), rng=None)
+    add_node(node), remove_node(home_address), revoke(home_address, coa=None),
+    send_tunnel_data(home_address, payload), binding_for(home_address), bindings
+    events: BindingAdded(binding), BindingUpdated(binding, previous),
+            BindingRemoved(binding, reason), TunnelPacket
+ForeignAgent(FaConfig(address, ...))
+    start(now), advertisement(), revoke(home_address), visitors
+    events: VisitorAdded(visitor), VisitorUpdated(visitor, previous),
+            VisitorRemoved(visitor, reason)
 """
 
 from .auth import (

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Mapping, Sequence
 
-from .auth import AuthResult, SecurityAssociation, check, low32, sign
+from .auth import AuthResult, check, low32, sign
 from .constants import (
     ALL_SYSTEMS_MULTICAST,
     ENCAP_GRE,

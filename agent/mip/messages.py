@@ -290,6 +290,11 @@ def encode_extension(ext: Extension) -> bytes:
     return bytes((ext.type, len(body))) + body
 
 
+def _wrong_size(what: str, name: str, n: int, expected: int) -> MipDecodeError:
+    extra = f"{n - expected} trailing byte(s)" if n > expected else "truncated body"
+    return MipDecodeError(f"{what}: {name} extension length {n}, expected {expected} ({extra})")
+
+
 def _decode_extension(t: int, body: bytes, what: str):
     n = len(body)
     if t in AUTH_EXTENSIONS:
@@ -302,20 +307,19 @@ def _decode_extension(t: int, body: bytes, what: str):
         return NaiExtension(body)
     if t == EXT_UDP_TUNNEL_REQUEST:
         if n != 6:
-            raise MipDecodeError(f"{what}: UDP Tunnel Request extension length {n}, expected 6")
+            raise _wrong_size(what, "UDP Tunnel Request", n, 6)
         st, _r1, flags, encap, _r2 = struct.unpack("!BBBBH", body)
         return UdpTunnelRequest(flags=flags, encapsulation=encap, sub_type=st)
     if t == EXT_UDP_TUNNEL_REPLY:
         if n != 6:
-            raise MipDecodeError(f"{what}: UDP Tunnel Reply extension length {n}, expected 6")
+            raise _wrong_size(what, "UDP Tunnel Reply", n, 6)
         st, code, flags, keepalive = struct.unpack("!BBHH", body)
         return UdpTunnelReply(code=code, flags=flags, keepalive=keepalive, sub_type=st)
     if t == EXT_TNC:
         return TrustedNetworksConfigured(body)
     if t == EXT_ENCAP_DELIVERY_STYLE:
         if n != 0:
-            raise MipDecodeError(
-                f"{what}: Encapsulating Delivery Style extension length {n}, expected 0")
+            raise _wrong_size(what, "Encapsulating Delivery Style", n, 0)
         return EncapsulatingDeliveryStyle()
     if t < 128:
         raise MipDecodeError(f"{what}: unknown non-skippable extension type {t}")

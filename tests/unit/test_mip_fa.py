@@ -13,7 +13,6 @@ from agent.mip import (
     Denied,
     FaConfig,
     ForeignAgent,
-    HaNode,
     IcmpPacket,
     RegFlag,
     Registered,

@@ -498,3 +498,31 @@ def test_config_validation():
                 dict(renew_fraction=1.0), dict(max_retransmissions=-1)):
         with pytest.raises(MipConfigError):
             MnConfig(HOA, HA, sa(), **bad)
+
+
+def test_moving_to_a_new_care_of_address():
+    mn, ha = make_mn(lifetime=100), make_ha()
+    mn.register(T0, COA)
+    pump(mn, ha, T0)
+    drain_events(mn)
+    new_coa = IPv4Address("198.18.0.5")
+    mn.register(T0 + 10, new_coa)
+    assert mn.binding.care_of_address == COA  # until the HA says otherwise
+    assert mn.get_timer() == T0 + 11  # retransmission, not the old renewal
+    pump(mn, ha, T0 + 10)
+    (ev,) = drain_events(mn)
+    assert ev.binding.care_of_address == new_coa and mn.binding == ev.binding
+    assert ha.binding_for(HOA).care_of_address == new_coa
+    assert mn.get_timer() == T0 + 10 + 75
+
+
+def test_reply_for_a_superseded_attempt_is_dropped():
+    mn = make_mn()
+    mn.register(T0, COA)
+    old = sent(mn)[0].data
+    mn.register(T0 + 0.5, IPv4Address("198.18.0.5"))
+    sent(mn)
+    mn.receive_datagram(reply_for(old), str(HA), 434, str(COA), T0 + 0.6)
+    assert drain_events(mn) == [] and mn.counters["unmatched_identification"] == 1
+    with pytest.raises(MipConfigError):
+        mn.register(T0, COA, lifetime=0)
