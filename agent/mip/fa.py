@@ -15,7 +15,8 @@ Relaying (RFC 5944 §3.7):
   authentication when an MN-FA security association exists for its home
   address (or ``require_mn_auth``): 67; no Mobile-Home authentication
   extension: 70; Home Agent field 0.0.0.0: 90; home agent not in
-  ``allowed_home_agents``: 65; busy or visitor list full: 66; lifetime
+  ``allowed_home_agents``: 65; busy, visitor list full or ``max_pending``
+  requests already awaiting their home agents: 66; lifetime
   above ``registration_lifetime``: 69 (the reply's lifetime says the
   maximum); care-of address not one of ours (D clear): 77; reverse tunnel
   requested but unsupported: 74, or mandatory but not requested: 75;
@@ -115,6 +116,7 @@ class FaConfig:
     require_ha_auth: bool = False
     allowed_home_agents: Sequence | None = None
     max_visitors: int | None = None
+    max_pending: int = 4096
     pending_timeout: float = 7.0
     port: int = MIP_PORT
 
@@ -364,7 +366,7 @@ class ForeignAgent(EngineBase):
         if cfg.allowed_home_agents is not None and req.home_agent not in cfg.allowed_home_agents:
             return self._deny(req, ReplyCode.FA_PROHIBITED, src, src_port)
         new_visitor = req.home_address not in self.visitors
-        if cfg.busy and new_visitor or (
+        if len(self._pending) >= cfg.max_pending or cfg.busy and new_visitor or (
                 new_visitor and cfg.max_visitors is not None
                 and len(self.visitors) + len(self._pending) >= cfg.max_visitors):
             return self._deny(req, ReplyCode.FA_INSUFFICIENT_RESOURCES, src, src_port)

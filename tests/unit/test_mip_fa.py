@@ -241,6 +241,7 @@ def test_70_poorly_formed_request():
     (dict(allowed_home_agents=["10.9.9.9"]), dict(), 65),
     (dict(busy=True), dict(), 66),
     (dict(max_visitors=0), dict(), 66),
+    (dict(max_pending=0), dict(), 66),
     (dict(), dict(coa=IPv4Address("203.0.113.77")), 77),
     (dict(reverse_tunnel=False), dict(), 74),
     (dict(reverse_tunnel_required=True), dict(flags=RegFlag(0)), 75),
