@@ -1,0 +1,31 @@
+"""IKEv2 initiator (RFC 7296) with NAT-T, sans-I/O.
+
+Public API:
+    IkeConfig, PskAuth, CertAuth, CaTrust, Identity   -- configuration
+    IkeConnection                                      -- the state machine
+    events: IkeSaEstablished, ChildSaEstablished, ChildSaFailed, ChildSaDeleted,
+            IkeSaDeleted, AuthFailed, IkeFailed, EspSa
+    tshark_ikev2_line, append_tshark_keys              -- key export for tshark
+"""
+
+from .auth import Identity
+from .config import CaTrust, CertAuth, IkeConfig, PskAuth
+from .connection import ChildSa, IkeConnection, Path, State
+from .errors import (
+    IkeAuthError, IkeConfigError, IkeCryptoError, IkeDecodeError, IkeError, IkeIntegrityError,
+    IkeProposalError,
+)
+from .events import (
+    AuthFailed, ChildSaDeleted, ChildSaEstablished, ChildSaFailed, EspSa, Event, IkeFailed,
+    IkeSaDeleted, IkeSaEstablished,
+)
+from .keylog import append_tshark_keys, tshark_ikev2_line
+from .proposals import EspProposal, IkeProposal
+
+__all__ = [
+    "Identity", "CaTrust", "CertAuth", "IkeConfig", "PskAuth", "ChildSa", "IkeConnection", "Path",
+    "State", "IkeAuthError", "IkeConfigError", "IkeCryptoError", "IkeDecodeError", "IkeError",
+    "IkeIntegrityError", "IkeProposalError", "AuthFailed", "ChildSaDeleted", "ChildSaEstablished",
+    "ChildSaFailed", "EspSa", "Event", "IkeFailed", "IkeSaDeleted", "IkeSaEstablished",
+    "append_tshark_keys", "tshark_ikev2_line", "EspProposal", "IkeProposal",
+]
