@@ -86,7 +86,8 @@ class AsyncXfrm:
         self._larval: set = set()          # (dst, spi, proto) from allocate_spi
         self._reserved_reqids: set = set()
         self._index_next = {d: None for d in (Dir.IN, Dir.OUT, Dir.FWD)}
-        self.migrate_supported: Optional[bool] = None   # learnt on first migrate()
+        # learnt on the first migrate(); set it to False to force the re-add path
+        self.migrate_supported: Optional[bool] = None
 
     # ------------------------------------------------------------ plumbing
 
@@ -595,6 +596,10 @@ class Xfrm:
     @property
     def migrate_supported(self):
         return self._x.migrate_supported
+
+    @migrate_supported.setter
+    def migrate_supported(self, value):
+        self._x.migrate_supported = value
 
     def close(self) -> None:
         if not self._loop.is_closed():

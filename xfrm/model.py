@@ -742,7 +742,7 @@ def sa_from_msg(msg, info=None) -> SA:
         src=unpack_addr(info["saddr"], fam), dst=unpack_addr(info["id_daddr"], fam),
         spi=info["id_spi"], algorithms=algorithms_from(msg), reqid=info["reqid"],
         mode=Mode(info["mode"]), proto=info["id_proto"], encap=encap,
-        selector=_selector_from(info), replay_window=window, esn=esn,
+        selector=_sa_selector(info), replay_window=window, esn=esn,
         lifetime=Lifetime.from_fields(info), mark=_mark_from(msg),
         if_id=msg.get_attr("XFRMA_IF_ID") or 0,
         output_mark=_output_mark_from(msg),
@@ -752,6 +752,16 @@ def sa_from_msg(msg, info=None) -> SA:
         replay=replay, counters=counters,
         stats=Stats(info["stats_replay_window"], info["stats_replay"],
                     info["stats_integrity_failed"]))
+
+
+def _sa_selector(info) -> Optional[Selector]:
+    """An SA's selector; None for "any" (the kernel turns an SA's AF_UNSPEC
+    selector into the any-selector of the SA's family)."""
+    sel = _selector_from(info)
+    if sel is not None and sel.src.prefixlen == 0 and sel.dst.prefixlen == 0 and \
+            not (sel.proto or sel.sport or sel.dport or sel.ifindex or sel.user):
+        return None
+    return sel
 
 
 def said_to_msg(said: SAId, family: Optional[int] = None):
