@@ -13,18 +13,20 @@ program, the program holds its maps), so a closed link stays closed when the
 agent dies. A restarted agent opens the pins (no compile) and reads the
 per-interface state from ``map_ifstate`` instead of opening anything. Were
 the pins lost (the bpffs mounted in a private mount namespace that ended),
-``recover()`` finds the maps again through the program attached to an
-interface's XDP hook.
+``_recover()`` finds the maps again through a program attached to one of
+the instance's interfaces (its TC filter carries the instance's name).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
 import socket
 import struct
+import subprocess
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -103,6 +105,8 @@ class BpfBackend:
         if self._pins_complete():
             self._open_pins()
             self.adopted = True
+        elif self._recover(cache_dir):
+            self.adopted = True
         elif not create:
             raise GateError(f"no gate objects pinned in {self.dir}")
         else:
@@ -137,7 +141,82 @@ class BpfBackend:
             # a partial set (crash while pinning): start over; attach() will
             # replace whatever programs are still attached
             shutil.rmtree(self.dir, ignore_errors=True)
-        prog_fds, map_fds = loader.instantiate(cache_dir)
+        self._pin(*loader.instantiate(cache_dir))
+
+    def _gated_links(self) -> list[tuple[int, str, int]]:
+        """(ifindex, name, XDP prog id) of the links carrying this instance's egress filter."""
+        out = []
+        with IPRoute() as ipr:
+            for link in ipr.get_links():
+                idx = link["index"]
+                try:
+                    flts = ipr.get_filters(idx, parent=TC_EGRESS)
+                except NetlinkError:
+                    continue
+                if any((f.get_attr("TCA_OPTIONS") is not None
+                        and f.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_NAME") == self.tc_name) for f in flts):
+                    out.append((idx, link.get_attr("IFLA_IFNAME"), self._xdp_prog_id(ipr, idx)))
+        return out
+
+    def _attached_prog_id(self, ifname: str) -> int:
+        """Id of the gate's egress program on ``ifname`` (the one that uses every map).
+        pyroute2 does not decode TCA_BPF_ID; tc(8) does."""
+        p = subprocess.run(["tc", "-j", "filter", "show", "dev", ifname, "egress"], capture_output=True,
+                           text=True, timeout=10)
+        try:
+            for f in json.loads(p.stdout or "[]"):
+                opts = f.get("options") or {}
+                if opts.get("bpf_name") == self.tc_name and "prog" in opts:
+                    return int(opts["prog"]["id"])
+        except (ValueError, KeyError, TypeError):
+            pass
+        return 0
+
+    def _recover(self, cache_dir: str | None) -> bool:
+        """Pins lost but programs still attached (say the bpffs was mounted in a
+        mount namespace that is gone): find the maps through an attached program,
+        load fresh programs against them and pin everything again."""
+        links = self._gated_links()
+        if not links:
+            return False
+        prog_id = 0
+        for _idx, name, _xdp_id in links:
+            prog_id = self._attached_prog_id(name)
+            if prog_id:
+                break
+        if not prog_id:
+            log.warning("gate: %s carries gate filters but their maps cannot be found",
+                        ", ".join(n for _, n, _ in links))
+            return False
+        maps: dict[str, int] = {}
+        pfd = bpfsys.prog_fd_by_id(prog_id)
+        try:
+            for mid in bpfsys.prog_info(pfd)["map_ids"]:
+                fd = bpfsys.map_fd_by_id(mid)
+                name = bpfsys.map_info(fd)["name"]
+                if name in PINS_MAP and name not in maps:
+                    maps[name] = fd
+                else:
+                    os.close(fd)
+        finally:
+            os.close(pfd)
+        if set(maps) != set(PINS_MAP):
+            for fd in maps.values():
+                os.close(fd)
+            return False
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            prog_fds, map_fds = loader.instantiate(cache_dir, maps)
+        except Exception:
+            for fd in maps.values():
+                os.close(fd)
+            raise
+        self._pin(prog_fds, map_fds)
+        log.warning("gate: pins of %s were lost; recovered the state of %s from the attached programs",
+                    self.instance, ", ".join(n for _, n, _ in links))
+        return True
+
+    def _pin(self, prog_fds: dict[str, int], map_fds: dict[str, int]) -> None:
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             for m, fd in map_fds.items():

@@ -75,21 +75,24 @@ class CompiledGate:
         return cls(d["key"], {n: (t, bytes.fromhex(i)) for n, (t, i) in d["progs"].items()},
                    d["maps"], {n: [tuple(r) for r in rs] for n, rs in d["relocs"].items()})
 
-    def instantiate(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Create new maps and load the programs against them: (prog fds, map fds)."""
+    def instantiate(self, maps: dict[str, int] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+        """Create new maps (or use the fds in ``maps``) and load the programs
+        against them: (prog fds, map fds). Fds in ``maps`` are not duplicated."""
         map_fds: dict[str, int] = {}
         prog_fds: dict[str, int] = {}
+        given = dict(maps or {})
         try:
             for name, spec in self.maps.items():
-                map_fds[name] = _map_create(name, spec)
+                map_fds[name] = given[name] if name in given else _map_create(name, spec)
             for name, (ptype, insns) in self.progs.items():
                 code = bytearray(insns)
                 for idx, mname in self.relocs.get(name, []):
                     struct.pack_into("=i", code, idx * 8 + 4, map_fds[mname])
                 prog_fds[name] = _prog_load(name, ptype, bytes(code))
         except Exception:
-            for fd in list(map_fds.values()) + list(prog_fds.values()):
-                os.close(fd)
+            for name, fd in list(map_fds.items()) + list(prog_fds.items()):
+                if given.get(name) != fd:
+                    os.close(fd)
             raise
         return prog_fds, map_fds
 
@@ -210,11 +213,13 @@ def compiled(cache_dir: str | None = None, *, force: bool = False) -> CompiledGa
         return cg
 
 
-def instantiate(cache_dir: str | None = None) -> tuple[dict[str, int], dict[str, int]]:
-    """Fresh maps and programs; a cached compile that no longer loads is redone once."""
+def instantiate(cache_dir: str | None = None, maps: dict[str, int] | None = None
+                ) -> tuple[dict[str, int], dict[str, int]]:
+    """Fresh programs (and maps, except those given); a cached compile that no
+    longer loads is redone once."""
     cg = compiled(cache_dir)
     try:
-        return cg.instantiate()
+        return cg.instantiate(maps)
     except BpfError as e:
         log.warning("gate: cached compile did not load (%s); compiling again", e)
-        return compiled(cache_dir, force=True).instantiate()
+        return compiled(cache_dir, force=True).instantiate(maps)

@@ -446,3 +446,32 @@ def test_allow_list_is_an_ipset_mirrored_into_the_gate(lab, gate):
                     ("VPN gateway", dict(gateways=["gw.example"]))):
         with pytest.raises(GateConfigError, match=bad):
             gate.set_allowed(**kw)
+
+
+@pytest.mark.parametrize("ingress", ["xdp", "tc"])
+def test_lost_pins_are_recovered_from_attached_programs(ingress, lab, bpffs, gate_cache):
+    """The bpffs holding the pins can vanish (mounted in a mount namespace that
+    ended); the attached programs still gate, and a new agent finds their maps."""
+    import shutil
+    inst = _instance()
+    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress=ingress)
+    g2 = None
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(lab.mn_if)
+        assert not echo_ok(lab.mn, OTHER)
+        g.release()
+        shutil.rmtree(os.path.join(bpffs, inst))
+        assert not echo_ok(lab.mn, OTHER)
+        g2 = Gate(inst, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress=ingress)
+        assert g2.adopted and g2.backend_name == "bpf"
+        assert g2.interfaces() == {lab.mn_if: GateState.CLOSED}
+        assert g2.counters(lab.mn_if)["egress"]["drop"]["icmp"] == 2
+        assert g2.backend.allowed_keys()[0] == (HA, 17, 434)
+        g2.open(lab.mn_if)
+        assert echo_ok(lab.mn, OTHER, 2)
+    finally:
+        (g2 or g).destroy()
+        (g2 or g).release()
+    assert "bpf" not in lab.mn.run("tc", "filter", "show", "dev", lab.mn_if, "egress").stdout
+    assert "xdp" not in lab.mn.ip("link", "show", lab.mn_if).stdout
