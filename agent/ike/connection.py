@@ -72,14 +72,12 @@ class State(enum.Enum):
 
 @dataclass
 class Path:
-    """Where IKE messages go: our address/port and the gateway's."""
+    """Where IKE messages go: our address/port, the gateway's, and whether
+    they are NAT-T framed (non-ESP marker; after floating to port 4500)."""
 
     local: Address
     remote: Address
-
-    @property
-    def natt(self) -> bool:
-        return self.local[1] != IKE_PORT or self.remote[1] != IKE_PORT
+    natt: bool = False
 
 
 @dataclass
@@ -456,8 +454,7 @@ class IkeConnection:
                  raw_request: bytes) -> None:
         resp = Message(self.spi_i, self.spi_r, req.exchange, req.message_id, initiator=True, response=True)
         packet = self._sk.seal(resp, inner)
-        path = Path(local, addr)
-        data = NON_ESP_MARKER + packet if path.natt else packet
+        data = NON_ESP_MARKER + packet if local[1] == self._natt_port else packet
         self._outbox.append((data, local, addr))
         self._peer_mid = req.message_id + 1
         self._last_peer_request = raw_request
@@ -500,6 +497,7 @@ class IkeConnection:
                 self._fail(now, f"COOKIE of {len(cookie.data)} bytes", NotifyType.COOKIE)
                 return
             self._cookie_rounds += 1
+            self._count("cookie_rounds")
             self._cookie = cookie.data
             log.info("%s: gateway requested a COOKIE, retrying IKE_SA_INIT", self.name)
             self._send_init(now)
@@ -515,6 +513,7 @@ class IkeConnection:
                 self._fail(now, "too many INVALID_KE_PAYLOAD retries", NotifyType.INVALID_KE_PAYLOAD)
                 return
             self._ke_retries += 1
+            self._count("invalid_ke_retries")
             log.info("%s: gateway wants DH group %d instead of %d, retrying", self.name, group, self._dh.group)
             self._dh = DhExchange(group)
             self._cookie = None
@@ -567,7 +566,7 @@ class IkeConnection:
         # RFC 7296 2.23 / RFC 4555 3.1: float to 4500 after NAT detection,
         # or right away when we will announce MOBIKE
         if self._natd_supported and (self.nat_local or self.nat_remote or self.config.mobike):
-            self.path = Path((self.path.local[0], self._natt_port), (self.path.remote[0], NATT_PORT))
+            self.path = Path((self.path.local[0], self._natt_port), (self.path.remote[0], NATT_PORT), True)
         self.state = State.IKE_AUTH
         self._send_auth(now)
 

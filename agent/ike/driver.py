@@ -31,8 +31,12 @@ def udp_socket(ip: str, port: int) -> socket.socket:
 class BlockingDriver:
     def __init__(self, conn, *, ports: tuple[int, int] = (IKE_PORT, NATT_PORT),
                  socket_factory: Callable[[str, int], socket.socket] = udp_socket,
-                 clock: Callable[[], float] = time.monotonic, trace: list | None = None):
+                 clock: Callable[[], float] = time.monotonic, trace: list | None = None,
+                 rx_filter: Callable[[bytes, Address, Address], list[bytes]] | None = None):
+        """``rx_filter(data, src, dst)`` may replace a received datagram by
+        any number of datagrams (tests: tampering, replays)."""
         self.conn = conn
+        self.rx_filter = rx_filter
         self.clock = clock
         self.trace = trace
         ip = conn.path.local[0]
@@ -80,7 +84,9 @@ class BlockingDriver:
             local = sock.getsockname()[:2]
             if self.trace is not None:
                 self.trace.append((time.time(), tuple(addr[:2]), tuple(local), data))
-            self.conn.receive_datagram(data, tuple(addr[:2]), tuple(local), now)
+            feed = [data] if self.rx_filter is None else self.rx_filter(data, tuple(addr[:2]), tuple(local))
+            for d in feed:
+                self.conn.receive_datagram(d, tuple(addr[:2]), tuple(local), now)
         t = self.conn.get_timer()
         if t is not None and self.clock() >= t:
             self.conn.handle_timer(self.clock())
