@@ -43,18 +43,10 @@ _INSTANCE_RE = re.compile(r"^[a-z0-9]{1,8}$")
 
 
 def _op(fn):
+    """Run a Gate method in the gate's namespace, off any running asyncio loop."""
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        def work():
-            with _netns(self.netns):
-                return fn(self, *args, **kwargs)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return work()
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gate")
-        return self._pool.submit(work).result()
+        return self._call(fn, self, *args, **kwargs)
     return wrapper
 
 
@@ -90,13 +82,22 @@ class Gate:
         self.backend = self._choose(backend, create)
         self.adopted = self.backend.adopted
 
+    def _call(self, fn, *args, **kwargs):
+        def work():
+            with _netns(self.netns):
+                return fn(*args, **kwargs)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return work()
+        # pyroute2's synchronous sockets cannot run inside a running loop
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gate")
+        return self._pool.submit(work).result()
+
     # -- backend choice ------------------------------------------------------
     def _choose(self, want: str, create: bool):
-        return self._run_in_ns(self._choose_here, want, create)
-
-    def _run_in_ns(self, fn, *args):
-        with _netns(self.netns):
-            return fn(*args)
+        return self._call(self._choose_here, want, create)
 
     def _choose_here(self, want: str, create: bool):
         from .bpf_backend import BpfBackend

@@ -475,3 +475,24 @@ def test_lost_pins_are_recovered_from_attached_programs(ingress, lab, bpffs, gat
         (g2 or g).release()
     assert "bpf" not in lab.mn.run("tc", "filter", "show", "dev", lab.mn_if, "egress").stdout
     assert "xdp" not in lab.mn.ip("link", "show", lab.mn_if).stdout
+
+
+def test_usable_from_an_asyncio_daemon(lab, bpffs, gate_cache):
+    """The MN daemon is asyncio; pyroute2's synchronous calls cannot run inside a
+    running loop, so the gate moves its work to a worker thread there."""
+    import asyncio
+
+    async def daemon():
+        g = Gate(_instance(), netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+        try:
+            g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+            assert g.attach(lab.mn_if) == GateState.CLOSED
+            g.open(lab.mn_if)
+            return g.state(lab.mn_if), g.status()
+        finally:
+            g.destroy()
+            g.release()
+
+    st, status = asyncio.run(daemon())
+    assert st == GateState.OPEN
+    assert status["interfaces"][lab.mn_if]["state"] == "open"
