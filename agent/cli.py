@@ -13,10 +13,10 @@ import sys
 
 # name -> (module or None while unimplemented, one-line help)
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
-    "mn": (None, "run the mobile node agent"),
-    "ha": (None, "run the internal home agent (i-HA)"),
+    "mn": ("agent.mn.cli", "run the mobile node agent"),
+    "ha": ("agent.ha", "run the internal home agent (i-HA)"),
     "fa": (None, "run the internal foreign agent (i-FA)"),
-    "status": (None, "show a running daemon's state"),
+    "status": ("agent.status", "show a running daemon's state"),
     "check-config": ("agent.check_config", "validate a configuration file"),
     "gate": ("agent.gate.cli", "inspect or open the trust-detection gate"),
     "testbed": ("agent.testbed.cli", "build the RFC 5266 Figure-1 testbed in namespaces"),
