@@ -10,12 +10,13 @@ must keep going into the VPN.
 Why this mechanism, in this order of the packet's path:
 
 1. XFRM. The policy lookup happens while the route for the packet is being
-   resolved (ip_route_output_flow -> xfrm_lookup_route), before any hook a
-   BPF program can sit on: by the time a TC or cgroup-skb program sees the
-   packet it is already ESP, and no BPF program type can skip or veto an
-   XFRM policy lookup (global policies only match marks, if they were added
-   with one; strongSwan's are not by default). What exempts exactly one
-   socket is a per-socket policy: IP_XFRM_POLICY with action ALLOW in both
+   resolved (ip_route_output_flow -> xfrm_lookup_route), before the hooks a
+   BPF program can sit on for this: by the time a TC or cgroup-skb program
+   sees the packet it is already ESP (or dropped for want of an SA), and we
+   found no BPF mechanism that exempts a packet from a policy lookup (a mark
+   set from BPF only helps if the VPN's policies were added with marks,
+   which strongSwan's are not by default). What exempts exactly one socket
+   is a per-socket policy: IP_XFRM_POLICY with action ALLOW in both
    directions (``xfrm.socket_bypass``). A socket policy is consulted instead
    of the global ones, so the RRQ is not transformed and the plain reply is
    accepted on input, while every other socket, including one sending to
