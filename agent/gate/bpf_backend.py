@@ -33,6 +33,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from . import bpfsys, loader
 from .allowlist import IKE_PORTS, AllowEntry
+from .steer import DETECT_MARK
 from .defs import (ABI, DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, NR_REASONS, PROTO_HOST, REASON_NAMES,
                    STATE_BY_VALUE, STATE_VALUE, GateError, GateState)
 
@@ -90,7 +91,7 @@ def unmount_bpffs(root: str) -> None:
 class BpfBackend:
     name = "bpf"
 
-    def __init__(self, instance: str, *, bpffs: str = DEFAULT_BPFFS, rrq_mark: int = 0,
+    def __init__(self, instance: str, *, bpffs: str = DEFAULT_BPFFS, rrq_mark: int | None = None,
                  rrq_mask: int = 0xFFFFFFFF, cache_dir: str | None = None, create: bool = True,
                  ingress: str = "xdp") -> None:
         self.instance = instance
@@ -117,7 +118,11 @@ class BpfBackend:
             self.release()
             raise GateError(f"pinned gate in {self.dir} has ABI {abi}, this agent speaks {ABI}; "
                             f"detach it with the agent that made it (or remove the pins)")
-        if not self.adopted or (mark, mask) != (rrq_mark, rrq_mask if rrq_mark else 0):
+        # rrq_mark None: keep an adopted gate's mark (an operator's `mipmobike
+        # gate status` must not change what the running agent configured)
+        if rrq_mark is None and not self.adopted:
+            rrq_mark = DETECT_MARK
+        if rrq_mark is not None and (not self.adopted or (mark, mask) != (rrq_mark, rrq_mask if rrq_mark else 0)):
             self.maps["config"].update(struct.pack("=I", 0),
                                        _CONFIG.pack(ABI, rrq_mark, rrq_mask if rrq_mark else 0, 0))
 

@@ -34,7 +34,7 @@ from pyroute2 import IPRoute
 from .allowlist import IKE_PORTS, AllowEntry, AllowList, build_entries
 from .defs import GateError, GateState
 from .nsutil import netns as _netns
-from .steer import DETECT_MARK, DETECT_MASK
+from .steer import DETECT_MASK
 
 log = logging.getLogger("mipmobike.gate")
 
@@ -57,7 +57,8 @@ class Gate:
                the pin directory and the netfilter chains
     backend    "auto" | "bpf" | "netfilter"
     rrq_mark   fwmark the closed gate requires on outgoing registration
-               requests (0: do not require one); the detection socket sets it
+               requests (0: do not require one; None: keep an installed gate's,
+               DETECT_MARK for a new one); the detection socket sets DETECT_MARK
     netns      work in this named network namespace (default: the current one)
     cache_dir  where the compiled BPF may be cached across restarts (None: per process)
     ingress    "xdp" (default) or "tc": the ingress hook of the BPF gate
@@ -65,7 +66,7 @@ class Gate:
     """
 
     def __init__(self, instance: str = "mn", *, backend: str = "auto", bpffs: str = DEFAULT_BPFFS,
-                 rrq_mark: int = DETECT_MARK, rrq_mask: int = DETECT_MASK, netns: str | None = None,
+                 rrq_mark: int | None = None, rrq_mask: int = DETECT_MASK, netns: str | None = None,
                  cache_dir: str | None = None, ingress: str = "xdp", create: bool = True) -> None:
         if not _INSTANCE_RE.match(instance or ""):
             raise GateError(f"gate instance name {instance!r}: want 1-8 of [a-z0-9]")

@@ -31,6 +31,7 @@ import shutil
 import subprocess
 
 from .defs import DROP_REASONS, PASS_REASONS, GateError, GateState, empty_counters
+from .steer import DETECT_MARK
 
 TABLE_IN, BASE_IN = "raw", "PREROUTING"
 TABLE_OUT, BASE_OUT = "mangle", "POSTROUTING"
@@ -41,14 +42,15 @@ _COMMENT_RE = re.compile(r'--comment "?([^"]+?)"? (?:-j|$)')
 class NetfilterBackend:
     name = "netfilter"
 
-    def __init__(self, instance: str, ipset_name: str, *, rrq_mark: int = 0,
+    def __init__(self, instance: str, ipset_name: str, *, rrq_mark: int | None = None,
                  rrq_mask: int = 0xFFFFFFFF) -> None:
         for tool in ("iptables-restore", "iptables-save", "ip6tables-restore", "ip6tables-save"):
             if shutil.which(tool) is None:
                 raise GateError(f"netfilter gate needs {tool}, which is not installed")
         self.instance = instance
         self.ipset = ipset_name
-        self.rrq_mark = rrq_mark
+        # the mark is written into the rules of interfaces attached from now on
+        self.rrq_mark = DETECT_MARK if rrq_mark is None else rrq_mark
         self.rrq_mask = rrq_mask
         self.tag = f"mipmobike-gate:{instance}"
         self.adopted = bool(self.states())
