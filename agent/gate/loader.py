@@ -13,8 +13,8 @@ instance or per restart, so compilation is separated from loading:
   verifier checks them again each time, so a stale cache cannot load
   anything unsafe; a load failure falls back to a fresh compile.
 * with ``cache_dir`` the compiled data is also stored on disk, keyed by a
-  hash of the source, the kernel release and the bcc version; a restarted
-  agent then starts without bcc's compile (and even without bcc).
+  hash of the source and the kernel release; a restarted agent then starts
+  without bcc's compile (and even without bcc).
 
 An agent that finds its objects pinned on the bpffs adopts them and does not
 instantiate anything at all (see bpf_backend).
@@ -128,16 +128,13 @@ def _prog_load(name: str, ptype: int, insns: bytes) -> int:
 
 
 def source_key() -> str:
+    """Cache key: the C source and the kernel release. (Not bcc's version: the
+    cached instructions are plain BPF, checked again by the verifier on every
+    load, so a cache written by one bcc serves a host without bcc.)"""
     h = hashlib.sha256()
     for f in ("gate.c", "gate.h"):
         h.update(bpf_sources.read_bytes(f))
-    try:
-        import bcc  # noqa: F401
-        from bcc import __version__ as bcc_version
-    except Exception:   # version string only; bcc itself is optional here
-        bcc_version = "?"
     h.update(os.uname().release.encode())
-    h.update(str(bcc_version).encode())
     return h.hexdigest()[:24]
 
 
