@@ -342,6 +342,7 @@ AGENT = textwrap.dedent("""
     g = Gate(inst, backend=backend, netns=ns, bpffs=bpffs, cache_dir=cache)
     g.set_allowed(home_agents=[(ha, 434)], gateways=[gw])
     print("STATE", g.attach(ifname).value, g.backend_name, flush=True)
+    print("BCC_IMPORTED", "bcc" in sys.modules, flush=True)   # the compile came from the disk cache
     time.sleep(600)
 """)
 
@@ -353,8 +354,9 @@ def test_sigkill_leaves_link_closed_and_restart_adopts(backend, lab, bpffs, gate
                                   lab.mn_if, HA, GW], cwd=REPO, env={"PYTHONPATH": REPO})
     adopted = None
     try:
-        wait_until(lambda: "STATE closed " + backend in agent.output(), 30, "the agent to close the gate",
-                   proc=agent)
+        wait_until(lambda: "BCC_IMPORTED" in agent.output(), 30, "the agent to close the gate", proc=agent)
+        assert "STATE closed " + backend in agent.output()
+        assert "BCC_IMPORTED False" in agent.output()
         agent.signal(signal.SIGKILL)
         agent.popen.wait(5)
         assert agent.popen.returncode == -signal.SIGKILL
