@@ -15,6 +15,8 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 
+from .nsenter import netns
+
 
 def _stat(pid: int) -> list[str] | None:
     try:
@@ -65,13 +67,25 @@ _children: dict[int, subprocess.Popen] = {}
 
 
 def spawn(name: str, ns: str, argv: list[str], log: str, env: dict | None = None,
-          cwd: str | None = None) -> Daemon:
+          cwd: str | None = None, ip_netns_exec: bool = False) -> Daemon:
+    """Start ``argv`` inside namespace ``ns``, detached, output appended to ``log``.
+
+    By default the child simply inherits the namespace (one exec); with
+    ``ip_netns_exec`` it goes through ``ip netns exec``, which also gives it a
+    private /sys showing the namespace's devices (for programs that read
+    /sys/class/net or need bpffs handling like the agents).
+    """
     e = dict(os.environ)
     e.update(env or {})
     fh = open(log, "ab")
     try:
-        p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=fh,
-                             stderr=subprocess.STDOUT, env=e, cwd=cwd, start_new_session=True)
+        if ip_netns_exec:
+            p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL, stdout=fh,
+                                 stderr=subprocess.STDOUT, env=e, cwd=cwd, start_new_session=True)
+        else:
+            with netns(ns):
+                p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                     env=e, cwd=cwd, start_new_session=True)
     finally:
         fh.close()
     _children[p.pid] = p

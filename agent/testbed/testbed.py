@@ -16,7 +16,6 @@ inside its namespace, so testbeds with different ids never collide.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 from . import procs
+from .nsenter import netns, sysctl
 from .layout import LAYOUTS, Layout, Net
 from .swan import Charon, Pki, SwanError, client_swanctl, gateway_swanctl, kernel_has_esp
 
@@ -49,23 +49,40 @@ class TestbedError(RuntimeError):
     __test__ = False   # not a pytest test class
 
 
-def _run(argv: list[str], input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
-    if p.returncode:
-        raise TestbedError(f"{' '.join(argv)} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()}")
+def _run(argv: list[str], input: str | None = None, timeout: float = 120, ns: str | None = None,
+         check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command (inside namespace ``ns`` if given, inherited: no ``ip netns exec``)."""
+    if ns is None:
+        p = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    else:
+        with netns(ns):
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(input, timeout=timeout)
+        p = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    if check and p.returncode:
+        where = f" (in {ns})" if ns else ""
+        raise TestbedError(f"{' '.join(argv)}{where} -> exit {p.returncode}: {(p.stderr or p.stdout).strip()}")
     return p
 
 
-def _run_all(jobs: list[tuple[list[str], str | None]], timeout: float = 120) -> None:
-    """Run commands side by side; raise naming the first that failed."""
-    running = [(argv, subprocess.Popen(argv, stdin=subprocess.PIPE if inp is not None else subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), inp)
-               for argv, inp in jobs]
+def _run_all(jobs: list[tuple[str | None, list[str], str | None]], timeout: float = 120) -> None:
+    """Run (namespace, argv, stdin) commands side by side; raise naming every one that failed."""
+    running = []
+    for ns, argv, inp in jobs:
+        kw = dict(stdin=subprocess.PIPE if inp is not None else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True)
+        if ns is None:
+            running.append((ns, argv, subprocess.Popen(argv, **kw), inp))
+        else:
+            with netns(ns):
+                running.append((ns, argv, subprocess.Popen(argv, **kw), inp))
     errors = []
-    for argv, p, inp in running:
+    for ns, argv, p, inp in running:
         out, err = p.communicate(inp, timeout=timeout)
         if p.returncode:
-            errors.append(f"{' '.join(argv)} -> exit {p.returncode}: {(err or out).strip()}")
+            errors.append(f"{' '.join(argv)}{f' (in {ns})' if ns else ''} -> exit {p.returncode}: "
+                          f"{(err or out).strip()}")
     if errors:
         raise TestbedError("; ".join(errors))
 
@@ -270,14 +287,12 @@ class Testbed:
 
         # 1. namespaces, then their sysctls (before interfaces exist, so "default" applies to them)
         _run(["ip", "-batch", "-"], input="".join(f"netns add {n}\n" for n in self.namespaces.values()))
-        jobs = []
         for role, ns in self.namespaces.items():
-            keys = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1",
-                    "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"]
+            values = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1",
+                      "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"}
             if role in lay.routers:
-                keys.append("net.ipv4.ip_forward=1")
-            jobs.append((["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *keys], None))
-        _run_all(jobs)
+                values["net.ipv4.ip_forward"] = "1"
+            sysctl(ns, values)
         t = self._mark("namespaces", t)
 
         # 2. every veth, made directly inside its two namespaces (one ip process)
@@ -290,7 +305,8 @@ class Testbed:
                     f"peer name {lay.switch_mn_port} netns {sw}")
         _run(["ip", "-batch", "-"], input="\n".join(cmds) + "\n")
 
-        # 3. per namespace: bridges, addresses, links up, routes (one ip process each, side by side)
+        # 3. per namespace: bridges, addresses, links up, routes (one ip process each, side by side),
+        #    and the firewall and NAT rules
         per: dict[str, list[str]] = {r: ["link set lo up"] for r in lay.nodes}
         for n in lay.nets.values():
             per[lay.switch] += [f"link add {n.bridge} type bridge stp_state 0 mcast_snooping 0",
@@ -308,46 +324,49 @@ class Testbed:
         per[lay.mn_node].append(f"link set {lay.mn_if} up")   # no carrier until attached
         for role, rts in lay.routes.items():
             per[role] += [f"route add {r}" for r in rts]
-        _run_all([(["ip", "-n", self.ns(r), "-batch", "-"], "\n".join(c) + "\n") for r, c in per.items()])
-        # 4. firewall and NAT rules
-        _run_all([(["ip", "netns", "exec", self.ns(r), "iptables-restore"], rules)
-                  for r, rules in lay.firewall.items()])
+        jobs = [(self.ns(r), ["ip", "-batch", "-"], "\n".join(c) + "\n") for r, c in per.items()]
+        jobs += [(self.ns(r), ["iptables-restore"], rules) for r, rules in lay.firewall.items()]
+        _run_all(jobs)
         t = self._mark("network", t)
 
-        # 5. IPsec backend: kernel ESP where the kernel takes an ESP state, else kernel-libipsec
+        # 4. IPsec backend: kernel ESP where the kernel takes an ESP state, else kernel-libipsec
         if self.ipsec_request == "auto":
             self.ipsec = "kernel" if kernel_has_esp(self.ns(lay.gw_node)) else "libipsec"
         else:
             self.ipsec = self.ipsec_request
         self.save()
 
-        # 6. daemons: the agents first (slowest to start), then DHCP servers and the gateway
+        # 5. daemons: the gateway and DHCP servers start while the keys are still being made
+        gw = self.gateway()
+        gw.write_config()
+        self.daemons["charon-gw"] = gw.spawn()
+        for n in lay.nets.values():
+            if n.dhcp:
+                self._start_dnsmasq(n)
+        self.save()
+        t_wait = time.monotonic()
         pki_thread.join()
+        self.timings["waited for pki"] = round(time.monotonic() - t_wait, 3)
         if pki_err:
             raise TestbedError(f"making keys and certificates: {pki_err[0]}")
         self._write_agent_configs()
         self._start_agents()
-        for n in lay.nets.values():
-            if n.dhcp:
-                self._start_dnsmasq(n)
-        gw = self.gateway()
-        gw.write_config()
         gw.add_file(self.dir / "pki" / "gw.crt", "x509")
         gw.add_file(self.dir / "pki" / "gw.key", "private")
         gw.add_file(self.dir / "pki" / "ca.crt", "x509ca")
         gw.write_swanctl(gateway_swanctl(self.addr.gw_public, list(self.addr.internal_prefixes), self.addr.pool,
                                          self._psk(), PSK_ID, self.addr.gw_id, "gw.crt", "ca.crt"))
-        self.daemons["charon-gw"] = gw.spawn()
-        self.save()
+        t_wait = time.monotonic()
+        gw.wait_ready()
+        self.timings["waited for charon"] = round(time.monotonic() - t_wait, 3)
+        gw.load_all()
+        self.daemons["charon-gw"].ready = True
         for name, d in self.daemons.items():
             if name.startswith("dnsmasq-"):
                 self._wait_dnsmasq(d)
-        gw.wait_ready()
-        gw.load_all()
-        self.daemons["charon-gw"].ready = True
         t = self._mark("daemons", t)
 
-        # 7. the mobile node's link
+        # 6. the mobile node's link
         self.move(at if at is not None else "none", record=False)
         self._wait_agents()
         self._mark("agents", t)
@@ -357,21 +376,22 @@ class Testbed:
         return (self.dir / "keys" / "vpn.psk").read_text().strip()
 
     def _make_credentials(self, err: list) -> None:
+        t0 = time.monotonic()
         try:
             keys = self.dir / "keys"
             _write_secret(keys / "vpn.psk", "tb-" + secrets.token_urlsafe(24) + "\n")
             _write_secret(keys / "mip-mn.key", secrets.token_hex(16) + "\n")
             _write_secret(keys / "mip-fa.key", secrets.token_hex(16) + "\n")
             pki = Pki(self.dir / "pki")
-            pki.ca()
-            pki.cert("gw", [self.addr.gw_id, self.addr.gw_public], flag="serverAuth")
-            pki.cert("mn", [CERT_ID], flag="clientAuth")
+            pki.make([("gw", [self.addr.gw_id, self.addr.gw_public], "serverAuth"),
+                      ("mn", [CERT_ID], "clientAuth")])
             self.files.update({
                 "psk": str(keys / "vpn.psk"), "mip_mn_key": str(keys / "mip-mn.key"),
                 "mip_fa_key": str(keys / "mip-fa.key"), "ca": str(pki.path / "ca.crt"),
                 "gw_cert": str(pki.path / "gw.crt"), "mn_cert": str(pki.path / "mn.crt"),
                 "mn_key": str(pki.path / "mn.key"),
             })
+            self.timings["pki (background)"] = round(time.monotonic() - t0, 3)
         except BaseException as e:   # reported by the builder thread
             err.append(e)
 
@@ -397,15 +417,16 @@ class Testbed:
         self.files["mn_config"] = str(conf / "mn.toml")
         self.files["mn_cert_config"] = str(conf / "mn-cert.toml")
         # i-HA and i-FA: written for the daemons of agent/ha and agent/fa (their format may still move)
-        ha = {"address": a.ha, "interface": self.layout.ha_if, "home_prefix": home.prefix,
+        ha = {"address": a.ha, "listen": [a.ha], "home_interface": self.layout.ha_if,
               "trusted_prefixes": list(a.trusted_prefixes), "max_lifetime": 1800,
-              "control_socket": str(run / "ha.sock"), "state_file": str(run / "ha-bindings.json")}
+              "control_socket": str(run / "ha.sock"), "state_file": str(run / "ha-state.json")}
         ha_nodes = [{"home_address": a.home_address, "nai": MN_NAI, "spi": MN_SPI, "algorithm": "hmac-md5",
                      "key_file": self.files["mip_mn_key"], "reverse_tunnel_required": False,
                      "udp_tunnel_allowed": True}]
         ha_fas = [{"address": self.nets["internal-2"].fa, "spi": FA_SPI, "algorithm": "hmac-md5",
                    "key_file": self.files["mip_fa_key"]}] if "internal-2" in self.nets else []
-        (conf / "ha.toml").write_text(_toml({"ha": ha, "ha.nodes": ha_nodes, "ha.foreign_agents": ha_fas},
+        (conf / "ha.toml").write_text(_toml({"ha": ha, "ha.dataplane": {"backend": "auto"}, "ha.nodes": ha_nodes,
+                                             "ha.foreign_agents": ha_fas},
                                             f"# i-HA configuration written by mipmobike testbed {self.id}\n"))
         self.files["ha_config"] = str(conf / "ha.toml")
         fa_net = next((n for n in self.nets.values() if n.fa), None)
@@ -470,11 +491,9 @@ class Testbed:
 
     @staticmethod
     def agent_available(role: str) -> bool:
-        """Whether the daemon for ``role`` ("ha" / "fa") exists in this checkout (agent/ha, agent/fa)."""
-        try:
-            return importlib.util.find_spec(f"agent.{role}") is not None
-        except (ImportError, ValueError):
-            return False
+        """Whether ``mipmobike ROLE`` ("ha" / "fa") is implemented in this checkout."""
+        from agent.cli import SUBCOMMANDS
+        return bool(SUBCOMMANDS.get(role, (None,))[0])
 
     def _agent_argv(self, role: str) -> list[str]:
         return [sys.executable, "-m", "agent.cli", role, "--config", self.files[f"{role}_config"]]
@@ -490,7 +509,7 @@ class Testbed:
             if f"{role}_config" not in self.files:
                 continue
             if not self.agent_available(role):
-                msg = (f"i-{role.upper()} not started: agent/{role} is not in this checkout yet; its config is "
+                msg = (f"i-{role.upper()} not started: `mipmobike {role}` is not implemented yet; its config is "
                        f"{self.files[role + '_config']} (start it with: ip netns exec {self.ns(node)} "
                        f"{' '.join(self._agent_argv(role))})")
                 if self.agents == "require":
@@ -498,7 +517,7 @@ class Testbed:
                 self.notes.append(msg)
                 continue
             d = procs.spawn(f"i-{role}", self.ns(node), self._agent_argv(role),
-                            str(self.dir / "logs" / f"{role}.log"), env=env, cwd=pkg_root)
+                            str(self.dir / "logs" / f"{role}.log"), env=env, cwd=pkg_root, ip_netns_exec=True)
             d.extra = {"control_socket": str(self.dir / "run" / f"{role}.sock")}
             self.daemons[d.name] = d
         self.save()
@@ -529,8 +548,8 @@ class Testbed:
     # -- the mobile node's link ---------------------------------------------------------------
     def attachment(self) -> str | None:
         """The NET the node's interface is attached to now, read from the switch (None: detached)."""
-        p = subprocess.run(["ip", "-n", self.ns(self.layout.switch), "-j", "link", "show",
-                            self.layout.switch_mn_port], capture_output=True, text=True)
+        p = _run(["ip", "-j", "link", "show", self.layout.switch_mn_port], ns=self.ns(self.layout.switch),
+                 check=False)
         if p.returncode:
             return None
         info = json.loads(p.stdout or "[]")
@@ -550,16 +569,15 @@ class Testbed:
         port, sw = self.layout.switch_mn_port, self.ns(self.layout.switch)
         t0 = time.time()
         if net == "none":
-            _run(["ip", "-n", sw, "-batch", "-"], input=f"link set {port} down\nlink set {port} nomaster\n")
+            _run(["ip", "-batch", "-"], input=f"link set {port} down\nlink set {port} nomaster\n", ns=sw)
         elif gap > 0:
-            _run(["ip", "-n", sw, "-batch", "-"],
-                 input=f"link set {port} down\nlink set {port} master {self.nets[net].bridge}\n")
+            _run(["ip", "-batch", "-"], input=f"link set {port} down\nlink set {port} master "
+                                              f"{self.nets[net].bridge}\n", ns=sw)
             time.sleep(gap)
-            _run(["ip", "-n", sw, "link", "set", port, "up"])
+            _run(["ip", "link", "set", port, "up"], ns=sw)
         else:
-            _run(["ip", "-n", sw, "-batch", "-"],
-                 input=f"link set {port} down\nlink set {port} master {self.nets[net].bridge}\n"
-                       f"link set {port} up\n")
+            _run(["ip", "-batch", "-"], input=f"link set {port} down\nlink set {port} master "
+                                              f"{self.nets[net].bridge}\nlink set {port} up\n", ns=sw)
         prev, self.attached = self.attached, (None if net == "none" else net)
         ev = {"t": round(t0, 3), "from": prev, "to": self.attached}
         self.moves.append(ev)
@@ -575,8 +593,8 @@ class Testbed:
         configures the address and default route and exits (no release).
         """
         mn, ifn = self.ns(self.layout.mn_node), self.layout.mn_if
-        _run(["ip", "-n", mn, "-force", "-batch", "-"], input=f"addr flush dev {ifn} scope global\n"
-                                                              f"route flush dev {ifn}\n")
+        _run(["ip", "-force", "-batch", "-"], input=f"addr flush dev {ifn} scope global\n"
+                                                    f"route flush dev {ifn}\n", ns=mn)
         cwd = self.dir / "run" / "dhcp-client"
         cwd.mkdir(parents=True, exist_ok=True)
         for f in cwd.glob("*.lease.json"):
@@ -591,8 +609,8 @@ class Testbed:
         return addrs[0]
 
     def mn_addresses(self) -> list[str]:
-        p = subprocess.run(["ip", "-n", self.ns(self.layout.mn_node), "-j", "-4", "addr", "show", "dev",
-                            self.layout.mn_if], capture_output=True, text=True)
+        p = _run(["ip", "-j", "-4", "addr", "show", "dev", self.layout.mn_if], ns=self.ns(self.layout.mn_node),
+                 check=False)
         if p.returncode:
             return []
         out = []
@@ -643,6 +661,18 @@ class Testbed:
         self.daemons["charon-mn"].ready = True
         self.save()
         return c
+
+    def stop(self, name: str) -> bool:
+        """Stop one recorded daemon (``"charon-mn"``, ``"i-ha"``, ``"dnsmasq-external-1"``...)."""
+        d = self.daemons.get(name)
+        if d is None:
+            raise TestbedError(f"no daemon {name!r}: {', '.join(self.daemons)}")
+        was = d.alive()
+        procs.stop(d)
+        d.ready = False
+        d.note = "stopped"
+        self.save()
+        return was
 
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:
