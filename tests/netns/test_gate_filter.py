@@ -330,6 +330,11 @@ def test_open_lets_everything_flow(lab, gate, tmp_path):
     d = delta(after, before)
     assert d.get("egress.pass.open", 0) >= 6 and d.get("ingress.pass.open", 0) >= 6
     assert not any(k.startswith(("egress.drop", "ingress.drop")) for k in d), d
+    # off: attached but not enforcing, nothing counted
+    gate.off(lab.mn_if)
+    c_off = gate.counters(lab.mn_if)
+    assert echo_ok(lab.mn, OTHER, 2)
+    assert delta(gate.counters(lab.mn_if), c_off) == {}
     # and closing again stops it
     gate.close(lab.mn_if)
     assert not echo_ok(lab.mn, OTHER)
