@@ -37,8 +37,8 @@ from cryptography import x509
 from .auth import Identity, certreq_hash, identity_in_cert, sign_auth, verify_auth, verify_chain
 from .config import CaTrust, CertAuth, IkeConfig, PskAuth
 from .const import (
-    ERROR_NOTIFY_MAX, IKE_PORT, NAT_KEEPALIVE, NATT_PORT, NON_ESP_MARKER, AuthMethod, CertEncoding,
-    CfgAttr, CfgType, ExchangeType, HashAlgorithm, NotifyType, ProtocolId, notify_name,
+    ERROR_NOTIFY_MAX, NAT_KEEPALIVE, NATT_PORT, NON_ESP_MARKER, AuthMethod, CertEncoding,
+    CfgAttr, CfgType, ExchangeType, HashAlgorithm, NotifyType, PayloadType, ProtocolId, notify_name,
 )
 from .crypto import (
     ChildKeys, DhExchange, IkeKeys, SkCipher, derive_child_keys, derive_ike_keys, nat_hash,
@@ -193,6 +193,9 @@ class IkeConnection:
         if self.state in (State.CLOSED, State.DELETING):
             return
         if self.state in (State.IDLE, State.IKE_SA_INIT, State.IKE_AUTH):
+            if self.state is State.IKE_AUTH:
+                # the gateway may already hold the IKE SA: tell it, without waiting
+                self._send_unacknowledged(ExchangeType.INFORMATIONAL, [DeletePayload(ProtocolId.IKE)])
             self._close(now, "local", "connection attempt aborted")
             return
         self.state = State.DELETING
@@ -621,7 +624,9 @@ class IkeConnection:
         idr = next((p for p in inner if isinstance(p, IDrPayload)), None)
         auth = next((p for p in inner if isinstance(p, AuthPayload)), None)
         if idr is None or auth is None:
-            if errors:
+            if any(p.type == PayloadType.EAP for p in inner):
+                self._fail(now, "gateway requested EAP authentication, which is not supported")
+            elif errors:
                 n = min(errors)
                 self._fail(now, f"gateway refused IKE_AUTH: {notify_name(n)}", n)
             else:
