@@ -476,6 +476,39 @@ def test_cookie_challenge(gateway_lab, client_factory, procs, tmp_path):
     assert_gateway_shows(lab, c.events(IkeSaEstablished)[0], ev)
 
 
+def test_behind_a_real_nat_with_port_rewriting(gateway_lab, tmp_path):
+    """Our initiator behind MASQUERADE that also rewrites UDP source ports:
+    we detect the NAT in front of us, float to 4500, send keepalives, and
+    the gateway sees the NAT's address and port."""
+    lab = gateway_lab
+    nat = lab.client                                 # the client namespace becomes the NAT router
+    inner = lab.topo.ns("mnin")
+    lab.topo.link(nat, inner, "172.16.9.1/24", "172.16.9.2/24")
+    inner.route("default", "via", "172.16.9.1")
+    nat.sysctl("net.ipv4.ip_forward", "1")
+    nat.run("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", lab.client_if, "-p", "udp", "-j", "MASQUERADE",
+            "--to-ports", "40000-40999")
+    conn = IkeConnection(psk_config(lab, keepalive_interval=0.3), ("172.16.9.2", 500), (lab.gw_addr, 500), name="mn")
+    drv = BlockingDriver(conn, socket_factory=ns_socket_factory(inner.name))
+    try:
+        conn.connect(time.monotonic())
+        ev = drv.run_until(lambda e: isinstance(e, (ChildSaEstablished, ChildSaFailed, AuthFailed, IkeFailed)), 15)
+        assert isinstance(ev, ChildSaEstablished), drv.events
+        ike = next(e for e in drv.events if isinstance(e, IkeSaEstablished))
+        assert ike.nat_local and ev.encap and ev.local_addr == ("172.16.9.2", 4500)
+        sas = gw_sas(lab)
+        m = re.search(r"remote 'mn-psk@vpn.example' @ ([\d.]+)\[(\d+)\]", sas)
+        assert m and m.group(1) == lab.client_addr and 40000 <= int(m.group(2)) <= 40999, sas
+        assert ike.proposal in sas and f"ESP:{ev.proposal}" in sas
+        drv.run_for(1.0)
+        assert conn.stats.get("keepalives_sent", 0) >= 2, conn.stats
+        conn.delete(time.monotonic())
+        assert drv.run_until(lambda e: isinstance(e, IkeSaDeleted), 10) is not None
+        wait_gw(lab, lambda s: "ESTABLISHED" not in s, what="gateway to drop the IKE SA")
+    finally:
+        drv.close()
+
+
 # ---------------------------------------------------------------------------- helpers
 
 def _bg(lab, *args):
