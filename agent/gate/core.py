@@ -39,7 +39,7 @@ from .steer import DETECT_MASK
 log = logging.getLogger("mipmobike.gate")
 
 DEFAULT_BPFFS = "/run/mipmobike/bpf"
-_INSTANCE_RE = re.compile(r"^[a-z0-9]{1,8}$")
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,20}$")
 
 
 def _op(fn):
@@ -53,8 +53,8 @@ def _op(fn):
 class Gate:
     """The per-host trust gate of one agent instance.
 
-    instance   short name ([a-z0-9]{1,8}); names the ipset (``mipmobike-<instance>``),
-               the pin directory and the netfilter chains
+    instance   name (1-20 of [A-Za-z0-9_-]); names the ipset (``mipmobike-<instance>``),
+               the pin directory, the TC filters and the netfilter chains
     backend    "auto" | "bpf" | "netfilter"
     rrq_mark   fwmark the closed gate requires on outgoing registration
                requests (0: do not require one; None: keep an installed gate's,
@@ -69,7 +69,7 @@ class Gate:
                  rrq_mark: int | None = None, rrq_mask: int = DETECT_MASK, netns: str | None = None,
                  cache_dir: str | None = None, ingress: str = "xdp", create: bool = True) -> None:
         if not _INSTANCE_RE.match(instance or ""):
-            raise GateError(f"gate instance name {instance!r}: want 1-8 of [a-z0-9]")
+            raise GateError(f"gate instance name {instance!r}: want 1-20 letters, digits, '-' or '_'")
         if backend not in ("auto", "bpf", "netfilter"):
             raise GateError(f"gate backend {backend!r}: want auto, bpf or netfilter")
         if ingress not in ("xdp", "tc"):
@@ -180,18 +180,26 @@ class Gate:
 
     @_op
     def set_state(self, ifname: str, state: GateState | str) -> None:
+        """Put ``ifname`` in ``state``, attaching the gate to it first if needed."""
         st = GateState(state)
-        self.backend.set_state(ifname, self._ifindex(ifname), st)
+        idx = self._ifindex(ifname)
+        if idx not in self.backend.states():
+            self.backend.attach(ifname, idx, st)
+            log.info("gate: %s attached (%s backend), %s", ifname, self.backend.name, st.value)
+            return
+        self.backend.set_state(ifname, idx, st)
         log.info("gate: %s %s", ifname, st.value)
 
     def close(self, ifname: str) -> None:
-        """Only detection traffic passes ``ifname`` from now on."""
+        """Only detection traffic passes ``ifname`` from now on (attaches if needed)."""
         self.set_state(ifname, GateState.CLOSED)
 
     def open(self, ifname: str) -> None:
+        """Everything passes ``ifname`` (counted)."""
         self.set_state(ifname, GateState.OPEN)
 
     def off(self, ifname: str) -> None:
+        """The gate stays attached to ``ifname`` but neither filters nor counts."""
         self.set_state(ifname, GateState.OFF)
 
     @_op

@@ -10,6 +10,8 @@ rule inserted first in the base chain and tagged with a comment:
     raw    PREROUTING   -i IF -j mmb-<instance>-N-in     ingress
     mangle POSTROUTING  -o IF -j mmb-<instance>-N-out    egress (local and forwarded)
 
+(an instance name longer than 10 characters is replaced by a hash in chain names)
+
 (ip6tables gets the same chains; closed lets only neighbour discovery
 through.) Each rule in those chains carries a comment "pass <reason>" or
 "drop <reason>"; its packet counter is the reason's counter. The state is the
@@ -26,6 +28,7 @@ those to and from allowed peers) unless conntrack reassembles them first.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 import subprocess
@@ -53,11 +56,14 @@ class NetfilterBackend:
         self.rrq_mark = DETECT_MARK if rrq_mark is None else rrq_mark
         self.rrq_mask = rrq_mask
         self.tag = f"mipmobike-gate:{instance}"
+        # chain names are limited to 28 characters: long instance names are hashed
+        short = instance if len(instance) <= 10 else hashlib.sha256(instance.encode()).hexdigest()[:10]
+        self.prefix = f"mmb-{short}-"
         self.adopted = bool(self.states())
 
     # -- helpers -----------------------------------------------------------
     def _chain(self, ifindex: int, direction: str) -> str:
-        return f"mmb-{self.instance}-{ifindex}-{direction}"
+        return f"{self.prefix}{ifindex}-{direction}"
 
     @staticmethod
     def _run(argv: list[str], input: str | None = None) -> str:
@@ -128,7 +134,7 @@ class NetfilterBackend:
         """ifindex -> {"ifname", "state", "rules": [(pk, bytes, chain, spec)]} from the v4 tables."""
         out: dict[int, dict] = {}
         rules = self._save(4, TABLE_IN) + self._save(4, TABLE_OUT)
-        prefix = f"mmb-{self.instance}-"
+        prefix = self.prefix
         for pk, by, chain, spec in rules:
             if chain in (BASE_IN, BASE_OUT) and f"{self.tag}:" in spec:
                 m = re.search(r"-j (" + re.escape(prefix) + r"(\d+)-(in|out))", spec)

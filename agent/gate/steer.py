@@ -44,8 +44,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from xfrm import socket_bypass
-
 from .nsutil import netns as _netns
 
 # "MM" + 0x0434 (port 434): the fwmark of detection packets
@@ -73,6 +71,9 @@ def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
         raise ValueError(f"detection socket: {local_addr!r} is not an IPv4 address") from None
     if not ifname or len(ifname) > 15:
         raise ValueError(f"detection socket: bad interface name {ifname!r}")
+    # imported here: the gate itself must load even if the xfrm package cannot
+    from xfrm.sockopt import socket_bypass
+
     with _netns(netns):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

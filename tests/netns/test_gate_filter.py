@@ -484,22 +484,29 @@ def test_lost_pins_are_recovered_from_attached_programs(ingress, lab, bpffs, gat
     assert "xdp" not in lab.mn.ip("link", "show", lab.mn_if).stdout
 
 
-def test_usable_from_an_asyncio_daemon(lab, bpffs, gate_cache):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_usable_from_an_asyncio_daemon(backend, lab, bpffs, gate_cache):
     """The MN daemon is asyncio; pyroute2's synchronous calls cannot run inside a
-    running loop, so the gate moves its work to a worker thread there."""
+    running loop, so the gate moves its work to a worker thread there. close()
+    on a link the gate is not attached to yet attaches it (closed); instance
+    names may be up to 20 characters."""
     import asyncio
+    inst = f"mn_{secrets.token_hex(3)}-long-names"
+    assert len(inst) == 20
 
     async def daemon():
-        g = Gate(_instance(), netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+        g = Gate(inst, backend=backend, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
         try:
             g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
-            assert g.attach(lab.mn_if) == GateState.CLOSED
+            g.close(lab.mn_if)
+            closed = g.state(lab.mn_if)
             g.open(lab.mn_if)
-            return g.state(lab.mn_if), g.status()
+            return closed, g.state(lab.mn_if), g.status()
         finally:
             g.destroy()
             g.release()
 
-    st, status = asyncio.run(daemon())
-    assert st == GateState.OPEN
+    closed, st, status = asyncio.run(daemon())
+    assert closed == GateState.CLOSED and st == GateState.OPEN
     assert status["interfaces"][lab.mn_if]["state"] == "open"
+    assert status["backend"] == backend and status["ipset"] == f"mipmobike-{inst}"
