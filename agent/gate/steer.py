@@ -54,7 +54,7 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
 def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
-                          mark: int = DETECT_MARK, blocking: bool = False,
+                          mark: int = DETECT_MARK, blocking: bool = False, freebind: bool = False,
                           netns: str | None = None) -> socket.socket:
     """A UDP socket for the detection RRQ on physical interface ``ifname``.
 
@@ -62,8 +62,13 @@ def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
     ``port`` (0: any), pinned to the device, exempt from IPsec policies in
     both directions, and marked so the closed gate passes its datagrams to
     the home agent. Needs CAP_NET_ADMIN. Send the RRQ with ``sendto`` to
-    (home agent, 434); the reply arrives on this socket. ``netns``: create
-    it in that named network namespace (as ``Gate(netns=...)``).
+    (home agent, 434); the reply arrives on this socket. ``freebind``: allow
+    binding an address that is still tentative (IP_FREEBIND). ``netns``:
+    create it in that named network namespace (as ``Gate(netns=...)``).
+
+    A socket made elsewhere works too if it carries the same three settings:
+    SO_BINDTODEVICE, ``xfrm.socket_bypass`` and SO_MARK = ``DETECT_MARK``
+    (without the mark the closed gate drops the RRQ as "mip_nomark").
     """
     try:
         ipaddress.IPv4Address(local_addr)
@@ -79,6 +84,8 @@ def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
     try:
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
         s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        if freebind:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_FREEBIND, 1)
         socket_bypass(s)
         s.bind((local_addr, port))
         s.setblocking(blocking)
