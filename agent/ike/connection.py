@@ -18,6 +18,19 @@ dispatched by exchange type (`_request_handlers`) and their responses cached
 for retransmitted requests. Anything that fails a check (SPIs, flags,
 message ID, integrity, syntax) is counted in `stats`, logged once per kind
 and dropped without touching the state.
+
+Extension points for MOBIKE / DPD / rekeying (issue #11):
+- a liveness check is `_enqueue(lambda t: self._send_request(INFORMATIONAL,
+  [], "DPD", t, on_response, self._on_request_timeout), now)` plus a timer
+  in get_timer()/handle_timer();
+- UPDATE_SA_ADDRESSES: set `self.path = Path(new_local, remote, natt=True)`
+  and send INFORMATIONAL with N(UPDATE_SA_ADDRESSES), `_nat_detection_payloads
+  (self.path)` and N(COOKIE2); on the response `_check_nat_detection(...)`
+  gives the new NAT state (retransmissions already follow `self.path`);
+- the peer's ADDITIONAL_*_ADDRESS lists land in `peer_addresses`;
+- peer CREATE_CHILD_SA requests go to `_peer_create_child_sa` (answers
+  NO_ADDITIONAL_SAS for now); CHILD SA key material for a rekey comes from
+  `crypto.derive_child_keys(..., shared=g^ir)`.
 """
 
 from __future__ import annotations
@@ -123,6 +136,8 @@ class IkeConnection:
     def __init__(self, config: IkeConfig, local_addr: Address, remote_addr: Address, *,
                  natt_port: int = NATT_PORT, rng: Callable[[int], bytes] = os.urandom,
                  name: str = "ike"):
+        if ipaddress.ip_address(local_addr[0]).is_unspecified:
+            raise ValueError("local_addr must be a concrete address (it goes into NAT detection)")
         self.config = config
         self.name = name
         self._rng = rng
@@ -474,10 +489,7 @@ class IkeConnection:
             SAPayload(self._ike_offer),
             KEPayload(self._dh.group, self._dh.public),
             NoncePayload(self._ni),
-            NotifyPayload(NotifyType.NAT_DETECTION_SOURCE_IP,
-                          nat_hash(self.spi_i, zero, self.path.local[0], self.path.local[1])),
-            NotifyPayload(NotifyType.NAT_DETECTION_DESTINATION_IP,
-                          nat_hash(self.spi_i, zero, self.path.remote[0], self.path.remote[1])),
+            *self._nat_detection_payloads(self.path, zero),
             NotifyPayload(NotifyType.SIGNATURE_HASH_ALGORITHMS,
                           b"".join(struct.pack("!H", h) for h in _SIG_HASHES)),
         ]
@@ -555,15 +567,10 @@ class IkeConnection:
         sh = msg.notify(NotifyType.SIGNATURE_HASH_ALGORITHMS)
         if sh is not None:
             self._peer_hashes = {struct.unpack_from("!H", sh.data, i)[0] for i in range(0, len(sh.data) - 1, 2)}
-        # NAT detection against the addresses of this very datagram
-        src = [n.data for n in msg.notifies(NotifyType.NAT_DETECTION_SOURCE_IP)]
-        dst = [n.data for n in msg.notifies(NotifyType.NAT_DETECTION_DESTINATION_IP)]
-        if src and dst:
+        nat = self._check_nat_detection(msg.payloads, addr, local)
+        if nat is not None:
             self._natd_supported = True
-            mine = nat_hash(self.spi_i, self.spi_r, local[0], local[1])
-            theirs = nat_hash(self.spi_i, self.spi_r, addr[0], addr[1])
-            self.nat_local = not any(_hmac.compare_digest(mine, d) for d in dst)
-            self.nat_remote = not any(_hmac.compare_digest(theirs, s) for s in src)
+            self.nat_local, self.nat_remote = nat
         log.info("%s: IKE_SA_INIT done: %s, SPIs %s_i %s_r, NAT here: %s, NAT at gateway: %s",
                  self.name, suite.name, self.spi_i.hex(), self.spi_r.hex(), self.nat_local, self.nat_remote)
         # RFC 7296 2.23 / RFC 4555 3.1: float to 4500 after NAT detection,
@@ -572,6 +579,33 @@ class IkeConnection:
             self.path = Path((self.path.local[0], self._natt_port), (self.path.remote[0], NATT_PORT), True)
         self.state = State.IKE_AUTH
         self._send_auth(now)
+
+    # ------------------------------------------------------------------ NAT detection
+
+    def _nat_detection_payloads(self, path: Path, spi_r: bytes | None = None) -> list[NotifyPayload]:
+        """NAT_DETECTION_SOURCE/DESTINATION_IP for a message sent on ``path``
+        (also what a MOBIKE UPDATE_SA_ADDRESSES request carries)."""
+        spi_r = self.spi_r if spi_r is None else spi_r
+        return [NotifyPayload(NotifyType.NAT_DETECTION_SOURCE_IP,
+                              nat_hash(self.spi_i, spi_r, path.local[0], path.local[1])),
+                NotifyPayload(NotifyType.NAT_DETECTION_DESTINATION_IP,
+                              nat_hash(self.spi_i, spi_r, path.remote[0], path.remote[1]))]
+
+    def _check_nat_detection(self, payloads: list[Payload], addr: Address,
+                             local: Address) -> tuple[bool, bool] | None:
+        """(NAT in front of us, NAT in front of the peer) from the NAT-D
+        payloads of a message received from ``addr`` on ``local``; None when
+        the message has none."""
+        src = [n.data for n in payloads
+               if isinstance(n, NotifyPayload) and n.notify_type == NotifyType.NAT_DETECTION_SOURCE_IP]
+        dst = [n.data for n in payloads
+               if isinstance(n, NotifyPayload) and n.notify_type == NotifyType.NAT_DETECTION_DESTINATION_IP]
+        if not src or not dst:
+            return None
+        mine = nat_hash(self.spi_i, self.spi_r, local[0], local[1])
+        theirs = nat_hash(self.spi_i, self.spi_r, addr[0], addr[1])
+        return (not any(_hmac.compare_digest(mine, d) for d in dst),
+                not any(_hmac.compare_digest(theirs, x) for x in src))
 
     # ------------------------------------------------------------------ IKE_AUTH
 

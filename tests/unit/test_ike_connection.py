@@ -697,5 +697,7 @@ def test_api_misuse():
         n.conn.connect(n.now)
     with pytest.raises(NotImplementedError):
         n.conn.update_addresses(("198.51.100.50", 4500), n.now)
+    with pytest.raises(ValueError):
+        IkeConnection(make_config(), ("0.0.0.0", 500), GW)
     line = n.conn.tshark_decryption_entry()
     assert line.startswith(n.conn.spi_i.hex() + "," + n.conn.spi_r.hex() + ",")
