@@ -4,13 +4,19 @@ Public API for the mobile node daemon:
 
     from agent.gate import Gate, GateState, open_detection_socket
 
-    gate = Gate("mn")                                   # BPF, else netfilter; adopts installed state
-    gate.set_allowed(home_agents=[(ha, 434)], gateways=[gw])
-    gate.attach(ifname)                                 # closed (or the adopted state)
-    sock = open_detection_socket(ifname, coa)           # RRQ leaves in the clear, on ifname
-    gate.open(ifname) / gate.close(ifname) / gate.off(ifname)
-    gate.counters(ifname); gate.status()
-    gate.release()                                      # on exit: the gate stays as it is
+    gate = Gate("mn")                              # BPF, else netfilter; adopts an installed gate
+    gate.set_allowed(home_agents=[(ha, 434)], gateways=[gw])   # ipset mipmobike-mn, mirrored to BPF
+    gate.attach(ifname)                            # closed (or the state a predecessor left)
+    gate.close(ifname)                             # detecting: only DHCP/ARP/RS-RA/RRQ/IKE/ESP pass
+    sock = open_detection_socket(ifname, coa)      # its RRQ leaves in the clear on ifname, marked
+    gate.open(ifname) / gate.off(ifname)
+    gate.state(ifname); gate.interfaces(); gate.counters(ifname); gate.status()
+    gate.release()                                 # exit, kernel keeps gating (crash-equivalent)
+    gate.destroy()                                 # clean stop: detach everything, drop ipset and pins
+
+Methods block for a few ms; from inside a running asyncio loop they run on a
+private worker thread. Errors are ``GateError`` (kernel/attach problems) and
+``GateConfigError`` (a bad address or port in the allow-list).
 """
 
 from .allowlist import AllowEntry, GateConfigError
