@@ -19,7 +19,7 @@ from agent.ike.auth import (
     Identity, _alg_id, certreq_hash, identity_in_cert, parse_dn, sign_auth, verify_auth, verify_chain,
 )
 from agent.ike.config import CaTrust, CertAuth, IkeConfig, PskAuth
-from agent.ike.const import AuthMethod, DhGroup, EncrId, HashAlgorithm, IdType, IntegId, PrfId, TransformType
+from agent.ike.const import AuthMethod, DhGroup, EncrId, IdType, IntegId, PrfId, TransformType
 from agent.ike.errors import IkeAuthError, IkeConfigError, IkeProposalError
 from agent.ike.keylog import append_tshark_keys, tshark_ikev2_line
 from agent.ike.message import Attribute, Proposal, SAPayload, Transform

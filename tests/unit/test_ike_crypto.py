@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.ike.const import DhGroup, EncrId, ExchangeType, IntegId, PayloadType, PrfId
+from agent.ike.const import EncrId, ExchangeType, IntegId, PayloadType, PrfId
 from agent.ike.crypto import (
     MODP_2048_P, DhExchange, SkCipher, derive_child_keys, derive_ike_keys, nat_hash, prf, prf_plus,
     psk_auth, signed_octets,
