@@ -102,8 +102,9 @@ class BpfBackend:
         self.maps: dict[str, bpfsys.Map] = {}
         self.prog_fds: dict[str, int] = {}
         self.adopted = False
-        ensure_bpffs(bpffs)
-        if self._pins_complete():
+        if create:
+            ensure_bpffs(bpffs)
+        if is_bpffs(bpffs) and self._pins_complete():
             self._open_pins()
             self.adopted = True
         elif self._recover(cache_dir):
@@ -209,8 +210,9 @@ class BpfBackend:
             for fd in maps.values():
                 os.close(fd)
             return False
-        shutil.rmtree(self.dir, ignore_errors=True)
         try:
+            ensure_bpffs(self.root)
+            shutil.rmtree(self.dir, ignore_errors=True)
             prog_fds, map_fds = loader.instantiate(cache_dir, maps)
         except Exception:
             for fd in maps.values():
