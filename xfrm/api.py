@@ -1,39 +1,29 @@
 """SA and policy operations over NETLINK_XFRM.
 
-:class:`AsyncXfrm` is the asyncio API (one pyroute2 ``AsyncNetlinkSocket``,
-opened in a network namespace when asked); :class:`Xfrm` runs the same
-operations synchronously on a private event loop, for code that is not
-asyncio (pyroute2 0.9's synchronous sockets cannot be used inside a running
-event loop, and neither can :class:`Xfrm`).
-
-Netlink requests on NETLINK_XFRM are handled by the kernel within the send
-call, so every operation completes in well under a millisecond.
+:class:`Xfrm` does the work: each call is one or a few netlink requests that
+the kernel answers inside the send (see :mod:`xfrm.netlink`), so it returns
+in well under a millisecond and may be called from asyncio code as well.
+:class:`AsyncXfrm` offers the same operations as coroutines, for code that
+prefers ``await`` everywhere; it wraps an :class:`Xfrm`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
 import functools
 import logging
-import os
 import random
-import socket
-from typing import Iterable, List, Optional, Union
-
-from pyroute2.netlink import (NETLINK_XFRM, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
-                              NLM_F_EXCL, NLM_F_REQUEST)
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nlsocket import AsyncNetlinkSocket
+from typing import List, Optional, Union
 
 from . import messages as m
 from .constants import IPPROTO_ESP, XFRM_MAX_DEPTH, Dir, Mode, Msg
-from .errors import (MigrateUnsupported, NamespaceNotFound, XfrmError, XfrmExists,
-                     XfrmNotFound, from_kernel)
+from .errors import NamespaceNotFound, MigrateUnsupported, XfrmError, XfrmNotFound, from_kernel
 from .model import (DEFAULT_OWNER, SA, AddressLike, Bundle, Encap, Owner, Policy,
                     PolicyId, SAId, Template, family_of, ip, pack_addr, policy_from_msg,
                     policy_id_to_msg, policy_to_msg, sa_from_msg, sa_to_msg, said_to_msg)
+from .netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
+                      KernelError, XfrmChannel)
 
 log = logging.getLogger(__name__)
 
@@ -66,127 +56,106 @@ def _move_template(t: Template, old: dict) -> Template:
     return dataclasses.replace(t, src=src, dst=dst, family=family_of(src))
 
 
-class AsyncXfrm:
-    """NETLINK_XFRM in one network namespace, for asyncio code.
+class Xfrm:
+    """NETLINK_XFRM in one network namespace.
 
     ``netns`` is a namespace name (as in ``ip netns``) or a path such as
-    ``/proc/<pid>/ns/net``; None is the caller's namespace. It must exist.
-    ``owner`` decides which SAs/policies :meth:`flush_owned` may remove and
-    from which range :meth:`allocate_reqid` hands out reqids; with
-    ``owner=None`` there is no ownership (and no flush).
+    ``/proc/<pid>/ns/net``; None is the caller's namespace. It must exist
+    (:class:`NamespaceNotFound` otherwise). ``owner`` decides which
+    SAs/policies :meth:`flush_owned` may remove and from which range
+    :meth:`allocate_reqid` hands out reqids (see :class:`xfrm.model.Owner`);
+    with ``owner=None`` there is no ownership (and no flush).
 
-    Use as ``async with AsyncXfrm(netns) as x: ...`` or call :meth:`open`
-    and :meth:`close`.
+    Use as a context manager, or call :meth:`close`. Thread-safe per request.
     """
 
     def __init__(self, netns: Optional[str] = None, *, owner: Optional[Owner] = DEFAULT_OWNER):
         self.netns = netns
         self.owner = owner
-        self._sock: Optional[AsyncNetlinkSocket] = None
+        try:
+            self._chan = XfrmChannel(netns)
+        except FileNotFoundError:
+            raise NamespaceNotFound(errno.ENOENT, "open NETLINK_XFRM socket",
+                                    f"in netns {netns!r}",
+                                    message=f"network namespace {netns!r} does not exist"
+                                    ) from None
         self._larval: set = set()          # (dst, spi, proto) from allocate_spi
         self._reserved_reqids: set = set()
         self._index_next = {d: None for d in (Dir.IN, Dir.OUT, Dir.FWD)}
         # learnt on the first migrate(); set it to False to force the re-add path
         self.migrate_supported: Optional[bool] = None
 
-    # ------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self._chan.close()
 
-    async def open(self) -> "AsyncXfrm":
-        if self._sock is not None:
-            return self
-        kw = {}
-        if self.netns is not None:
-            kw = {"netns": self.netns, "flags": 0}
-        try:
-            sock = AsyncNetlinkSocket(family=NETLINK_XFRM, ext_ack=True, **kw)
-            sock.set_marshal(m.XfrmMarshal())
-            await sock.setup_endpoint()
-        except FileNotFoundError:
-            raise NamespaceNotFound(errno.ENOENT, "open NETLINK_XFRM socket",
-                                    f"in netns {self.netns!r}",
-                                    message=f"network namespace {self.netns!r} does not exist"
-                                    ) from None
-        self._sock = sock
+    def __enter__(self):
         return self
 
-    async def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+    def __exit__(self, *exc):
+        self.close()
 
-    async def __aenter__(self):
-        return await self.open()
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
-    async def _request(self, msg, msg_type: int, flags: int, operation: str, target: str = "",
-                       **err_context) -> list:
-        if self._sock is None:
-            await self.open()
+    def _request(self, msg, msg_type: int, flags: int, operation: str, target: str = "",
+                 **err_context) -> list:
         try:
-            return [x async for x in await self._sock.nlm_request(msg, int(msg_type), flags)]
-        except NetlinkError as e:
-            text = e.args[1] if len(e.args) > 1 else None
-            if text == os.strerror(e.code):
-                text = None
-            raise from_kernel(e.code, operation, target, text, **err_context) from None
+            return self._chan.request(msg, msg_type, flags)
+        except KernelError as e:
+            raise from_kernel(e.code, operation, target, e.text, **err_context) from None
 
     # ------------------------------------------------------------------ SAs
 
-    async def add_sa(self, sa: SA) -> None:
+    def add_sa(self, sa: SA) -> None:
         """Install ``sa`` (XFRM_MSG_NEWSA; XFRM_MSG_UPDSA when its SPI came
         from :meth:`allocate_spi`, which filled in the larval SA). Raises
         :class:`XfrmExists` if the SA is there already."""
         self._check_owned_reqid(sa.reqid, sa)
         key = (sa.dst, sa.spi, sa.proto)
         if key in self._larval:
-            await self._request(sa_to_msg(sa), Msg.UPDSA, _ACK, "add SA", str(sa),
+            self._request(sa_to_msg(sa), Msg.UPDSA, _ACK, "add SA", str(sa),
                                 proto=sa.proto, algorithms=sa.algorithms.names())
             self._larval.discard(key)
             return
-        await self._request(sa_to_msg(sa), Msg.NEWSA, _CREATE, "add SA", str(sa),
+        self._request(sa_to_msg(sa), Msg.NEWSA, _CREATE, "add SA", str(sa),
                             proto=sa.proto, algorithms=sa.algorithms.names())
 
-    async def update_sa(self, sa: SA) -> None:
+    def update_sa(self, sa: SA) -> None:
         """XFRM_MSG_UPDSA: change an installed SA in place. The kernel takes
         the lifetimes, the UDP encapsulation ports (same encap type) and the
         selector from ``sa``; addresses and keys cannot change this way."""
         self._check_owned_reqid(sa.reqid, sa)
-        await self._request(sa_to_msg(sa), Msg.UPDSA, _ACK, "update SA", str(sa),
+        self._request(sa_to_msg(sa), Msg.UPDSA, _ACK, "update SA", str(sa),
                             proto=sa.proto, algorithms=sa.algorithms.names())
         self._larval.discard((sa.dst, sa.spi, sa.proto))
 
-    async def get_sa(self, sa: Union[SA, SAId]) -> SA:
+    def get_sa(self, sa: Union[SA, SAId]) -> SA:
         """The SA as the kernel has it now: keys, replay state, counters."""
         said = _said(sa)
-        replies = await self._request(said_to_msg(said), Msg.GETSA, NLM_F_REQUEST,
+        replies = self._request(said_to_msg(said), Msg.GETSA, NLM_F_REQUEST,
                                       "get SA", str(said))
         for msg in replies:
             if msg["header"]["type"] == Msg.NEWSA:
                 return sa_from_msg(msg)
         raise XfrmNotFound(errno.ESRCH, "get SA", str(said))
 
-    async def delete_sa(self, sa: Union[SA, SAId], *, missing_ok: bool = False) -> bool:
+    def delete_sa(self, sa: Union[SA, SAId], *, missing_ok: bool = False) -> bool:
         """Remove an SA. Returns False when it was not there and ``missing_ok``."""
         said = _said(sa)
         try:
-            await self._request(said_to_msg(said), Msg.DELSA, _ACK, "delete SA", str(said))
+            self._request(said_to_msg(said), Msg.DELSA, _ACK, "delete SA", str(said))
         except XfrmNotFound:
             if missing_ok:
                 return False
             raise
         return True
 
-    async def sas(self, *, owned_only: bool = False) -> List[SA]:
+    def sas(self, *, owned_only: bool = False) -> List[SA]:
         """All SAs of the namespace (a dump), or only ours."""
-        replies = await self._request(m.xfrm_usersa_info(), Msg.GETSA, _DUMP, "dump SAs")
+        replies = self._request(m.xfrm_usersa_info(), Msg.GETSA, _DUMP, "dump SAs")
         out = [sa_from_msg(x) for x in replies if x["header"]["type"] == Msg.NEWSA]
         if owned_only:
             out = [sa for sa in out if self.owner and self.owner.owns_sa(sa)]
         return out
 
-    async def allocate_spi(self, src: AddressLike, dst: AddressLike, *, reqid: int = 0,
+    def allocate_spi(self, src: AddressLike, dst: AddressLike, *, reqid: int = 0,
                            proto: int = IPPROTO_ESP, mode: Mode = Mode.TUNNEL,
                            spi_min: int = 0x100, spi_max: int = 0xFFFFFFFF) -> int:
         """XFRM_MSG_ALLOCSPI: the kernel picks an unused SPI for an inbound SA
@@ -206,7 +175,7 @@ class AsyncXfrm:
         for k in ("soft_byte_limit", "hard_byte_limit", "soft_packet_limit",
                   "hard_packet_limit"):
             msg[k] = 0xFFFFFFFFFFFFFFFF
-        replies = await self._request(msg, Msg.ALLOCSPI, NLM_F_REQUEST, "allocate SPI",
+        replies = self._request(msg, Msg.ALLOCSPI, NLM_F_REQUEST, "allocate SPI",
                                       f"{src}->{dst}", proto=proto)
         for r in replies:
             if r["header"]["type"] == Msg.NEWSA:
@@ -235,34 +204,34 @@ class AsyncXfrm:
             return pol
         return dataclasses.replace(pol, index=index)
 
-    async def add_policy(self, pol: Policy) -> None:
+    def add_policy(self, pol: Policy) -> None:
         """XFRM_MSG_NEWPOLICY. Raises :class:`XfrmExists` if a policy with the
         same selector, direction, mark and if_id exists."""
         self._check_policy(pol)
-        await self._request(policy_to_msg(self._policy_index(pol)), Msg.NEWPOLICY, _CREATE,
+        self._request(policy_to_msg(self._policy_index(pol)), Msg.NEWPOLICY, _CREATE,
                             "add policy", str(pol))
 
-    async def update_policy(self, pol: Policy) -> None:
+    def update_policy(self, pol: Policy) -> None:
         """XFRM_MSG_UPDPOLICY: replace the policy with the same selector,
         direction, mark and if_id (keeping its index), or add it."""
         self._check_policy(pol)
-        await self._request(policy_to_msg(self._policy_index(pol)), Msg.UPDPOLICY, _ACK,
+        self._request(policy_to_msg(self._policy_index(pol)), Msg.UPDPOLICY, _ACK,
                             "update policy", str(pol))
 
-    async def get_policy(self, pol: Union[Policy, PolicyId]) -> Policy:
+    def get_policy(self, pol: Union[Policy, PolicyId]) -> Policy:
         pid = _pid(pol)
-        replies = await self._request(policy_id_to_msg(pid), Msg.GETPOLICY, NLM_F_REQUEST,
+        replies = self._request(policy_id_to_msg(pid), Msg.GETPOLICY, NLM_F_REQUEST,
                                       "get policy", str(pid))
         for msg in replies:
             if msg["header"]["type"] == Msg.NEWPOLICY:
                 return policy_from_msg(msg)
         raise XfrmNotFound(errno.ENOENT, "get policy", str(pid))
 
-    async def delete_policy(self, pol: Union[Policy, PolicyId], *,
+    def delete_policy(self, pol: Union[Policy, PolicyId], *,
                             missing_ok: bool = False) -> bool:
         pid = _pid(pol)
         try:
-            await self._request(policy_id_to_msg(pid), Msg.DELPOLICY, _ACK, "delete policy",
+            self._request(policy_id_to_msg(pid), Msg.DELPOLICY, _ACK, "delete policy",
                                 str(pid))
         except XfrmNotFound:
             if missing_ok:
@@ -270,11 +239,11 @@ class AsyncXfrm:
             raise
         return True
 
-    async def policies(self, *, owned_only: bool = False,
+    def policies(self, *, owned_only: bool = False,
                        include_socket: bool = True) -> List[Policy]:
         """All policies (a dump). Per-socket policies (``Dir.SOCKET_*``) are
         included unless ``include_socket`` is False."""
-        replies = await self._request(m.xfrm_userpolicy_info(), Msg.GETPOLICY, _DUMP,
+        replies = self._request(m.xfrm_userpolicy_info(), Msg.GETPOLICY, _DUMP,
                                       "dump policies")
         out = [policy_from_msg(x) for x in replies if x["header"]["type"] == Msg.NEWPOLICY]
         if not include_socket or owned_only:
@@ -300,14 +269,14 @@ class AsyncXfrm:
         for t in pol.templates:
             self._check_owned_reqid(t.reqid, pol)
 
-    async def allocate_reqid(self) -> int:
+    def allocate_reqid(self) -> int:
         """A reqid from the owner's range that no SA or policy uses and that
         this handle has not handed out before."""
         if self.owner is None:
             raise ValueError("allocate_reqid() needs an owner range")
         used = set(self._reserved_reqids)
-        used.update(sa.reqid for sa in await self.sas())
-        for p in await self.policies(include_socket=False):
+        used.update(sa.reqid for sa in self.sas())
+        for p in self.policies(include_socket=False):
             used.update(t.reqid for t in p.templates)
         lo, hi = self.owner.reqid_min, self.owner.reqid_max
         for _ in range(64):
@@ -322,7 +291,7 @@ class AsyncXfrm:
         self._reserved_reqids.add(r)
         return r
 
-    async def flush_owned(self) -> tuple:
+    def flush_owned(self) -> tuple:
         """Delete every policy and SA that :attr:`owner` marks as ours (see
         :class:`xfrm.model.Owner`), and nothing else. Returns
         ``(sas_deleted, policies_deleted)``. Larval states the kernel made for
@@ -331,61 +300,61 @@ class AsyncXfrm:
         if self.owner is None:
             raise ValueError("flush_owned() needs an owner")
         npol = nsa = 0
-        for p in await self.policies(owned_only=True):
+        for p in self.policies(owned_only=True):
             pid = PolicyId(p.selector, p.dir, p.mark, p.if_id, p.index, p.ptype)
-            if await self.delete_policy(pid, missing_ok=True):
+            if self.delete_policy(pid, missing_ok=True):
                 npol += 1
-        for sa in await self.sas(owned_only=True):
+        for sa in self.sas(owned_only=True):
             if sa.spi == 0:
                 continue      # an ACQUIRE's larval state: not addressable, expires by itself
-            if await self.delete_sa(sa, missing_ok=True):
+            if self.delete_sa(sa, missing_ok=True):
                 nsa += 1
         return nsa, npol
 
     # -------------------------------------------------------------- bundles
 
-    async def install(self, bundle: Bundle) -> None:
+    def install(self, bundle: Bundle) -> None:
         """Add both SAs, then the policies. All or nothing: if any step
         fails (or the task is cancelled), what was added is removed again
         and the error is raised."""
         added: list = []
         try:
             for sa in bundle.sas:
-                await self.add_sa(sa)
+                self.add_sa(sa)
                 added.append(sa)
             for pol in bundle.policies:
-                await self.add_policy(pol)
+                self.add_policy(pol)
                 added.append(pol)
         except BaseException:
-            await self._undo(added)
+            self._undo(added)
             raise
 
-    async def _undo(self, added: list) -> None:
+    def _undo(self, added: list) -> None:
         for obj in reversed(added):
             try:
                 if isinstance(obj, SA):
-                    await self.delete_sa(obj, missing_ok=True)
+                    self.delete_sa(obj, missing_ok=True)
                 else:
-                    await self.delete_policy(obj, missing_ok=True)
+                    self.delete_policy(obj, missing_ok=True)
             except Exception as e:           # keep undoing the rest
                 log.warning("rollback: could not remove %s: %s", obj, e)
 
-    async def remove(self, bundle: Bundle) -> None:
+    def remove(self, bundle: Bundle) -> None:
         """Delete the policies, then the SAs of ``bundle``; what is already
         gone is skipped. Every item is tried; the first error is raised."""
         first = None
         for obj in list(bundle.policies) + list(bundle.sas):
             try:
                 if isinstance(obj, SA):
-                    await self.delete_sa(obj, missing_ok=True)
+                    self.delete_sa(obj, missing_ok=True)
                 else:
-                    await self.delete_policy(obj, missing_ok=True)
+                    self.delete_policy(obj, missing_ok=True)
             except XfrmError as e:
                 first = first or e
         if first is not None:
             raise first
 
-    async def migrate(self, bundle: Bundle, *, local: AddressLike, remote: AddressLike,
+    def migrate(self, bundle: Bundle, *, local: AddressLike, remote: AddressLike,
                       encap_ports=_KEEP) -> Bundle:
         """Move an installed tunnel-mode ``bundle`` to new outer addresses.
 
@@ -422,28 +391,28 @@ class AsyncXfrm:
             if _same_encap(enc_out, bundle.outbound.encap) and \
                     _same_encap(enc_in, bundle.inbound.encap):
                 return new
-            await self._change_encap_in_place(bundle, new)
+            self._change_encap_in_place(bundle, new)
             return new
         if self.migrate_supported is not False:
             try:
-                await self._migrate_kernel(bundle, new)
+                self._migrate_kernel(bundle, new)
                 self.migrate_supported = True
                 return new
             except MigrateUnsupported:
                 self.migrate_supported = False
-        await self._migrate_readd(bundle, new)
+        self._migrate_readd(bundle, new)
         return new
 
-    async def _change_encap_in_place(self, old: Bundle, new: Bundle) -> None:
+    def _change_encap_in_place(self, old: Bundle, new: Bundle) -> None:
         for o, n in zip(old.sas, new.sas):
             if _same_encap(o.encap, n.encap):
                 continue
-            cur = await self.get_sa(o)
+            cur = self.get_sa(o)
             if cur.encap is not None and n.encap is not None and cur.encap.type == n.encap.type:
                 # the kernel updates encap ports of a live SA in place
-                await self.update_sa(dataclasses.replace(cur, encap=n.encap, stats=None))
+                self.update_sa(dataclasses.replace(cur, encap=n.encap, stats=None))
             else:
-                await self._readd_same_key(cur, dataclasses.replace(cur, encap=n.encap,
+                self._readd_same_key(cur, dataclasses.replace(cur, encap=n.encap,
                                                                     stats=None))
 
     def _migrate_msg(self, old_p: Policy, new_p: Policy, encap: Optional[Encap]):
@@ -469,7 +438,7 @@ class AsyncXfrm:
         msg["attrs"] = attrs
         return msg
 
-    async def _migrate_kernel(self, old: Bundle, new: Bundle) -> None:
+    def _migrate_kernel(self, old: Bundle, new: Bundle) -> None:
         done = []
         try:
             for op, np_ in zip(old.policies, new.policies):
@@ -477,7 +446,7 @@ class AsyncXfrm:
                 msg = self._migrate_msg(op, np_, enc)
                 if msg is None:
                     continue
-                await self._request(msg, Msg.MIGRATE, _ACK, "migrate", str(op))
+                self._request(msg, Msg.MIGRATE, _ACK, "migrate", str(op))
                 done.append((op, np_))
         except XfrmError as e:
             if done:
@@ -486,7 +455,7 @@ class AsyncXfrm:
                 for op, np_ in reversed(done):
                     back_enc = old.outbound.encap if op.dir == Dir.OUT else old.inbound.encap
                     try:
-                        await self._request(self._migrate_msg(np_, op, back_enc), Msg.MIGRATE,
+                        self._request(self._migrate_msg(np_, op, back_enc), Msg.MIGRATE,
                                             _ACK, "migrate back", str(op))
                     except XfrmError as e2:
                         log.warning("rollback of migrate %s failed: %s", op, e2)
@@ -496,134 +465,129 @@ class AsyncXfrm:
         # drop UDP encapsulation in MIGRATE (before 6.x) kept it.
         for o, n in zip(old.sas, new.sas):
             try:
-                cur = await self.get_sa(n)
+                cur = self.get_sa(n)
             except XfrmNotFound:
                 cur = None
             if cur is not None and cur.src == n.src and _same_encap(cur.encap, n.encap):
                 continue
             if cur is not None and cur.src == n.src:
-                await self._readd_same_key(cur, dataclasses.replace(cur, encap=n.encap,
+                self._readd_same_key(cur, dataclasses.replace(cur, encap=n.encap,
                                                                     stats=None))
             else:
-                cur = await self.get_sa(o)
+                cur = self.get_sa(o)
                 moved = dataclasses.replace(cur, src=n.src, dst=n.dst, encap=n.encap,
                                             stats=None)
                 if (moved.dst, moved.spi) == (cur.dst, cur.spi):
-                    await self._readd_same_key(cur, moved)
+                    self._readd_same_key(cur, moved)
                 else:
-                    await self.add_sa(moved)
-                    await self.delete_sa(cur, missing_ok=True)
+                    self.add_sa(moved)
+                    self.delete_sa(cur, missing_ok=True)
 
-    async def _readd_same_key(self, cur: SA, moved: SA) -> None:
+    def _readd_same_key(self, cur: SA, moved: SA) -> None:
         """Replace an SA by one with the same (dst, SPI, proto) key."""
-        await self.delete_sa(cur)
+        self.delete_sa(cur)
         try:
-            await self.add_sa(moved)
+            self.add_sa(moved)
         except BaseException:
             try:
-                await self.add_sa(dataclasses.replace(cur, stats=None))
+                self.add_sa(dataclasses.replace(cur, stats=None))
             except Exception as e:
                 log.error("could not restore %s after a failed move: %s", cur, e)
             raise
 
-    async def _migrate_readd(self, old: Bundle, new: Bundle) -> None:
+    def _migrate_readd(self, old: Bundle, new: Bundle) -> None:
         """Move without MIGRATE: read each SA (with replay state and counters),
         add it at the new addresses, re-point the policies, drop the old SAs."""
-        current = [await self.get_sa(o) for o in old.sas]
+        current = [self.get_sa(o) for o in old.sas]
         added, replaced, to_delete, updated = [], [], [], []
         try:
             for cur, n in zip(current, new.sas):
                 moved = dataclasses.replace(cur, src=n.src, dst=n.dst, encap=n.encap,
                                             stats=None)
                 if (moved.dst, moved.spi, moved.proto) == (cur.dst, cur.spi, cur.proto):
-                    await self._readd_same_key(cur, moved)
+                    self._readd_same_key(cur, moved)
                     replaced.append((cur, moved))
                 else:
-                    await self.add_sa(moved)
+                    self.add_sa(moved)
                     added.append(moved)
                     to_delete.append(cur)
             for op, np_ in zip(old.policies, new.policies):
                 if op.templates != np_.templates:
-                    await self.update_policy(np_)
+                    self.update_policy(np_)
                     updated.append(op)
         except BaseException:
             for op in reversed(updated):
                 try:
-                    await self.update_policy(op)
+                    self.update_policy(op)
                 except Exception as e:
                     log.warning("rollback: could not restore %s: %s", op, e)
-            await self._undo(added)
+            self._undo(added)
             for cur, moved in reversed(replaced):
                 try:
-                    await self._readd_same_key(moved, dataclasses.replace(cur, stats=None))
+                    self._readd_same_key(moved, dataclasses.replace(cur, stats=None))
                 except Exception as e:
                     log.warning("rollback: could not restore %s: %s", cur, e)
             raise
         for cur in to_delete:
-            await self.delete_sa(cur, missing_ok=True)
+            self.delete_sa(cur, missing_ok=True)
 
 
-class Xfrm:
-    """The :class:`AsyncXfrm` operations, synchronously (a private event
-    loop). Not usable from inside a running asyncio loop: use AsyncXfrm
-    there."""
+class AsyncXfrm:
+    """The :class:`Xfrm` operations as coroutines (``async with
+    AsyncXfrm(netns) as x: await x.install(bundle)``). Requests complete
+    inside the call, so the coroutines never suspend; the underlying
+    :class:`Xfrm` is :attr:`sync`."""
 
     def __init__(self, netns: Optional[str] = None, *, owner: Optional[Owner] = DEFAULT_OWNER):
-        self._loop = asyncio.new_event_loop()
-        self._x = AsyncXfrm(netns, owner=owner)
-        try:
-            self._run(self._x.open())
-        except BaseException:
-            self._loop.close()
-            raise
+        self._netns, self._owner = netns, owner
+        self.sync: Optional[Xfrm] = None
 
-    def _run(self, coro):
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return self._loop.run_until_complete(coro)
-        coro.close()
-        raise RuntimeError("Xfrm is synchronous: use AsyncXfrm inside an asyncio event loop")
+    async def open(self) -> "AsyncXfrm":
+        if self.sync is None:
+            self.sync = Xfrm(self._netns, owner=self._owner)
+        return self
+
+    async def close(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
+
+    async def __aenter__(self):
+        return await self.open()
+
+    async def __aexit__(self, *exc):
+        await self.close()
 
     @property
     def netns(self):
-        return self._x.netns
+        return self._netns
 
     @property
     def owner(self):
-        return self._x.owner
+        return self._owner
 
     @property
     def migrate_supported(self):
-        return self._x.migrate_supported
+        return self.sync.migrate_supported if self.sync else None
 
     @migrate_supported.setter
     def migrate_supported(self, value):
-        self._x.migrate_supported = value
-
-    def close(self) -> None:
-        if not self._loop.is_closed():
-            self._run(self._x.close())
-            self._loop.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.sync.migrate_supported = value
 
 
-def _sync(name):
-    coro_fn = getattr(AsyncXfrm, name)
+def _async(name):
+    fn = getattr(Xfrm, name)
 
-    @functools.wraps(coro_fn)
-    def method(self, *args, **kwargs):
-        return self._run(getattr(self._x, name)(*args, **kwargs))
+    @functools.wraps(fn)
+    async def method(self, *args, **kwargs):
+        if self.sync is None:
+            await self.open()
+        return getattr(self.sync, name)(*args, **kwargs)
     return method
 
 
 for _name in ("add_sa", "update_sa", "get_sa", "delete_sa", "sas", "allocate_spi",
               "add_policy", "update_policy", "get_policy", "delete_policy", "policies",
               "allocate_reqid", "flush_owned", "install", "remove", "migrate"):
-    setattr(Xfrm, _name, _sync(_name))
+    setattr(AsyncXfrm, _name, _async(_name))
 del _name

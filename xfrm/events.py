@@ -9,8 +9,8 @@ because the socket buffer overflowed, an :class:`EventsLost` event says so
 
 Messages are decoded with pyroute2's marshal and the classes of
 :mod:`xfrm.messages`; the socket itself is a plain non-blocking netlink
-socket (opened inside the namespace by pyroute2), so that an ENOBUFS
-overrun is an event, not a dead socket.
+socket (opened inside the namespace by pyroute2) read with ``loop.sock_recv``,
+so that an ENOBUFS overrun is an event, not a dead socket.
 """
 
 from __future__ import annotations
@@ -23,20 +23,16 @@ import socket
 from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
 
-from pyroute2 import netns as pr_netns
-
 from . import messages as m
 from .constants import Dir, Group, Msg
 from .errors import NamespaceNotFound
+from .netlink import NETLINK_ADD_MEMBERSHIP, SOL_NETLINK, open_socket
 from .model import (SA, Encap, IPAddress, Policy, SAId, Selector, Template,
                     _selector_from, family_of, policy_from_msg, sa_from_msg,
                     template_from_dict, unpack_addr)
 
 log = logging.getLogger(__name__)
 
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_XFRM = 6
 
 DEFAULT_GROUPS = (Group.ACQUIRE, Group.EXPIRE, Group.SA, Group.POLICY, Group.MAPPING,
                   Group.MIGRATE)
@@ -184,11 +180,8 @@ def decode(msg) -> Event:
 
 
 def _open_socket(netns: Optional[str]) -> socket.socket:
-    if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
     try:
-        return pr_netns.create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW,
-                                      NETLINK_XFRM, flags=0)
+        return open_socket(netns)
     except FileNotFoundError:
         raise NamespaceNotFound(errno.ENOENT, "open XFRM event socket", f"in netns {netns!r}",
                                 message=f"network namespace {netns!r} does not exist"

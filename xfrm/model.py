@@ -140,9 +140,12 @@ class Lifetime:
              "hard_packet_limit", "soft_add_expires_seconds", "hard_add_expires_seconds",
              "soft_use_expires_seconds", "hard_use_expires_seconds")
 
+    _NAMES = ("soft_bytes", "hard_bytes", "soft_packets", "hard_packets", "soft_add_seconds",
+              "hard_add_seconds", "soft_use_seconds", "hard_use_seconds")
+
     def to_fields(self, msg, prefix: str = "") -> None:
-        for wire, value in zip(self._WIRE, dataclasses.astuple(self)):
-            msg[prefix + wire] = value
+        for wire, name in zip(self._WIRE, self._NAMES):
+            msg[prefix + wire] = getattr(self, name)
 
     @classmethod
     def from_fields(cls, msg, prefix: str = "") -> "Lifetime":
