@@ -432,12 +432,13 @@ class Testbed:
         self.files["ha_config"] = str(conf / "ha.toml")
         fa_net = next((n for n in self.nets.values() if n.fa), None)
         if fa_net:
-            fa = {"interface": self.layout.fa_if, "address": fa_net.fa, "care_of_address": fa_net.fa,
-                  "advertisement_interval": 1.0, "reverse_tunnel": True, "max_lifetime": 1800,
-                  "control_socket": str(run / "fa.sock")}
+            fa = {"interface": self.layout.fa_if, "address": fa_net.fa, "care_of_addresses": [fa_net.fa],
+                  "registration_lifetime": 1800, "advertisement_interval": 1.0, "reverse_tunnel": True,
+                  "allowed_home_agents": [a.ha], "control_socket": str(run / "fa.sock")}
             fa_has = [{"address": a.ha, "spi": FA_SPI, "algorithm": "hmac-md5",
                        "key_file": self.files["mip_fa_key"]}]
-            (conf / "fa.toml").write_text(_toml({"fa": fa, "fa.home_agents": fa_has},
+            (conf / "fa.toml").write_text(_toml({"fa": fa, "fa.dataplane": {"backend": "auto"},
+                                                 "fa.home_agents": fa_has},
                                                 f"# i-FA configuration written by mipmobike testbed {self.id}\n"))
             self.files["fa_config"] = str(conf / "fa.toml")
         self.save()
