@@ -15,7 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "mn": (None, "run the mobile node agent"),
     "ha": ("agent.ha", "run the internal home agent (i-HA)"),
-    "fa": (None, "run the internal foreign agent (i-FA)"),
+    "fa": ("agent.fa", "run the internal foreign agent (i-FA)"),
     "status": ("agent.status", "show a running daemon's state"),
     "check-config": ("agent.check_config", "validate a configuration file"),
     "gate": ("agent.gate.cli", "inspect or open the trust-detection gate"),

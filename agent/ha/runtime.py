@@ -156,6 +156,8 @@ def run_daemon(role: str, load: Callable, make_daemon: Callable, config_path: st
         print(f"mipmobike {role}: {config_path}: {e}", file=sys.stderr)
         return 1
     logmod.setup(log_level or settings.log_level)
+    for noisy in ("pyroute2", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     daemon = make_daemon(settings)
 
     async def main() -> int:

@@ -21,11 +21,9 @@ from tests.netns.test_ha_support import (
     NAT_OUTSIDE,
     NAT_PRIVATE,
     TRUSTED_COA,
-    TRUSTED_PREFIXES,
     UNTRUSTED_COA,
     Lab,
     MnStandIn,
-    ha_toml,
     icmp_echo,
     own_links,
     own_routes,
@@ -34,23 +32,12 @@ from tests.netns.test_ha_support import (
     start_daemon,
     status,
     tc_filters,
-    write_key,
+    write_ha_config,
 )
 
 
 def _ha_config(tmp_path, lab, backend="bpf", **extra):
-    key = write_key(tmp_path / "mn.key")
-    ha = {"address": HA_HOME, "home_interface": lab.ha_home, "max_lifetime": 600,
-          "trusted_prefixes": TRUSTED_PREFIXES, "state_file": str(tmp_path / "ha-state.json"),
-          "control_socket": str(tmp_path / "ha.sock"), "log_level": "DEBUG"}
-    ha.update(extra)
-    nodes = [
-        {"home_address": HOA, "nai": "mn1@corp.example", "spi": 256, "key_file": str(key),
-         "reverse_tunnel_required": True},
-        {"home_address": HOA3, "spi": 258, "key_file": str(key), "udp_tunnel_allowed": True},
-    ]
-    return ha_toml(tmp_path / "ha.toml", ha=ha, nodes=nodes,
-                   dataplane={"backend": backend, "decap_interfaces": [lab.ha_up]})
+    return write_ha_config(tmp_path, lab, backend, **extra)
 
 
 def _binding(sock, hoa=HOA):

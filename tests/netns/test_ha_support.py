@@ -289,3 +289,60 @@ def proxy_entries(ns) -> str:
 def tc_filters(ns, ifname: str) -> str:
     return (ns.run("tc", "filter", "show", "dev", ifname, "ingress", check=False).stdout
             + ns.run("tc", "filter", "show", "dev", ifname, "egress", check=False).stdout).strip()
+
+
+def write_ha_config(tmp_path: Path, lab: Lab, backend: str = "bpf", **extra) -> Path:
+    """The lab's home agent: nodes HOA (NAI, reverse tunnel required), HOA2 (FA user), HOA3 (UDP)."""
+    key = write_key(tmp_path / "mn.key")
+    ha = {"address": HA_HOME, "home_interface": lab.ha_home, "max_lifetime": 600,
+          "trusted_prefixes": TRUSTED_PREFIXES, "state_file": str(tmp_path / "ha-state.json"),
+          "control_socket": str(tmp_path / "ha.sock"), "log_level": "DEBUG"}
+    ha.update(extra)
+    nodes = [
+        {"home_address": HOA, "nai": "mn1@corp.example", "spi": 256, "key_file": str(key),
+         "reverse_tunnel_required": True},
+        {"home_address": HOA2, "spi": 257, "key_file": str(key)},
+        {"home_address": HOA3, "spi": 258, "key_file": str(key), "udp_tunnel_allowed": True},
+    ]
+    dp = {"backend": backend}
+    if backend == "bpf":
+        dp["decap_interfaces"] = [lab.ha_up]
+    return ha_toml(tmp_path / "ha.toml", ha=ha, nodes=nodes, dataplane=dp)
+
+
+def write_fa_config(tmp_path: Path, lab: Lab, backend: str = "bpf", **extra) -> Path:
+    fa = {"interface": lab.fa_link, "address": FA_ADDR, "advertisement_interval": 1.0,
+          "registration_lifetime": 600, "control_socket": str(tmp_path / "fa.sock"), "log_level": "DEBUG"}
+    fa.update(extra)
+    dp = {"backend": backend}
+    if backend == "bpf":
+        dp["decap_interfaces"] = [lab.fa_up]
+    return fa_toml(tmp_path / "fa.toml", fa=fa, dataplane=dp)
+
+
+def icmp_socket(ns: str, device: str | None = None) -> socket.socket:
+    with in_netns(ns):
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    if device:
+        s.setsockopt(socket.SOL_SOCKET, 25, device.encode())
+    return s
+
+
+def wait_advertisement(sock: socket.socket, timeout: float = 5.0):
+    """The next Agent Advertisement on a raw ICMP socket: (source, AgentAdvertisement) or None."""
+    from agent.mip.icmp import AgentAdvertisement, decode_icmp, split_ipv4
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            break
+        pkt, (host, _) = sock.recvfrom(2048)
+        try:
+            icmp = split_ipv4(pkt)[4]
+            msg = decode_icmp(icmp)
+        except Exception:
+            continue
+        if isinstance(msg, AgentAdvertisement):
+            return IPv4Address(host), msg, pkt
+    return None
