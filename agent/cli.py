@@ -13,7 +13,7 @@ import sys
 
 # name -> (module or None while unimplemented, one-line help)
 SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
-    "mn": (None, "run the mobile node agent"),
+    "mn": ("agent.mn.cli", "run the mobile node agent"),
     "ha": ("agent.ha", "run the internal home agent (i-HA)"),
     "fa": ("agent.fa", "run the internal foreign agent (i-FA)"),
     "status": ("agent.status", "show a running daemon's state"),

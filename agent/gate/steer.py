@@ -51,6 +51,7 @@ DETECT_MARK = 0x4D4D0434
 DETECT_MASK = 0xFFFFFFFF
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)    # linux/in.h; not in Python 3.11
 
 
 def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
@@ -85,7 +86,7 @@ def open_detection_socket(ifname: str, local_addr: str, port: int = 0, *,
         s.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, ifname.encode())
         s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         if freebind:
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_FREEBIND, 1)
+            s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
         socket_bypass(s)
         s.bind((local_addr, port))
         s.setblocking(blocking)

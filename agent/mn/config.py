@@ -16,6 +16,7 @@
     udp_tunnel = "auto"                   # RFC 3519: "auto" | "force" | "never"
     control_socket = "/run/mipmobike/mn.sock"
     state_dir = "/run/mipmobike/mn"
+    datapath = "ipip"                     # "none": signalling only (hosts without ipip; tests)
 
     [mn.detection]
     initial_timeout = 1.0                 # RRQ retransmission (RFC 5266 3.4)
@@ -35,6 +36,8 @@
 
     [gate]
     backend = "auto"                      # "bpf" | "nftables" | "iptables" | "auto"
+    bpffs = "/run/mipmobike/bpf"          # where the gate's programs and maps are pinned
+    instance = "mn"                       # names the pins and the ipset (two agents on one host)
 """
 
 from __future__ import annotations
@@ -46,11 +49,11 @@ from agent import config as c
 
 MN_KEYS = {"interfaces", "home_address", "home_agent", "home_prefix", "nai", "spi", "algorithm", "key_file",
            "lifetime", "renew_fraction", "reverse_tunnel", "use_fa", "udp_tunnel", "control_socket", "state_dir",
-           "detection", "log_level"}
+           "detection", "log_level", "datapath"}
 DET_KEYS = {"initial_timeout", "retransmissions", "max_timeout"}
 VPN_KEYS = {"gateway", "gateway_id", "local_id", "auth", "psk_file", "cert", "key_file", "ca", "internal_prefixes",
             "keep_ike_when_trusted", "dpd_interval", "ike_proposals", "esp_proposals"}
-GATE_KEYS = {"backend", "bpffs"}
+GATE_KEYS = {"backend", "bpffs", "instance"}
 
 
 @dataclass
@@ -93,10 +96,12 @@ class MnConfig:
     control_socket: str = "/run/mipmobike/mn.sock"
     state_dir: str = "/run/mipmobike/mn"
     log_level: str = "INFO"
+    datapath: str = "ipip"
     detection: Detection = field(default_factory=Detection)
     vpn: VpnConfig | None = None
     gate_backend: str = "auto"
     gate_bpffs: str = "/run/mipmobike/bpf"
+    gate_instance: str = "mn"
 
 
 def parse(doc: dict) -> MnConfig:
@@ -127,6 +132,7 @@ def parse(doc: dict) -> MnConfig:
         control_socket=c.get_str(mn, "control_socket", "mn", "/run/mipmobike/mn.sock"),
         state_dir=c.get_str(mn, "state_dir", "mn", "/run/mipmobike/mn"),
         log_level=c.get_str(mn, "log_level", "mn", "INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        datapath=c.get_str(mn, "datapath", "mn", "ipip", choices=("ipip", "none")),
         detection=Detection(
             initial_timeout=c.get_float(det, "initial_timeout", "mn.detection", 1.0, min=0.05),
             retransmissions=c.get_int(det, "retransmissions", "mn.detection", 2, min=0, max=10),
@@ -167,6 +173,9 @@ def parse(doc: dict) -> MnConfig:
     c.check_unknown(g, GATE_KEYS, "gate")
     cfg.gate_backend = c.get_str(g, "backend", "gate", "auto", choices=("auto", "bpf", "nftables", "iptables"))
     cfg.gate_bpffs = c.get_str(g, "bpffs", "gate", "/run/mipmobike/bpf")
+    cfg.gate_instance = c.get_str(g, "instance", "gate", "mn")
+    if not cfg.gate_instance.replace("-", "").replace("_", "").isalnum() or len(cfg.gate_instance) > 20:
+        raise c.ConfigError("gate.instance", "letters, digits, '-' and '_' only, at most 20 characters")
     return cfg
 
 

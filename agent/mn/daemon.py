@@ -1,0 +1,397 @@
+"""The mobile node agent: netlink-driven trust detection and the c / f / mc modes.
+
+One asyncio task per access-link change runs the RFC 5266 section 3.4
+procedure:
+
+1. the gate closes on the link (only detection traffic passes);
+2. DHCP gets an address while an Agent Solicitation looks for a foreign agent;
+3. at the same moment: a Registration Request with the new co-located
+   care-of address goes to the i-HA outside the VPN (detection socket), and
+   the VPN is told about the new address (MOBIKE update, or IKE start);
+4. verdict: an authenticated reply carrying TNC means trusted -> mode f (a
+   foreign agent was heard and policy allows it) or mode c; anything else
+   (no reply, a reply without TNC, a denial) means untrusted -> mode mc once
+   the VPN is up (the TIA registered as co-located care-of address through
+   the VPN, unless that binding already stands: MOBIKE-only move);
+5. the new mode's data path is installed, then the gate opens.
+
+A new link event cancels a handover in progress. Every handover is kept in
+a timeline (trigger -> verdict -> data path ready, with the reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+
+from agent.control import ControlServer
+from agent.mip.auth import SecurityAssociation
+from agent.mip.constants import AdvFlag
+from agent.mip.mn import (AgentAdvertised, Denied, Deregistered, MnConfig as EngineConfig, MobileNode,
+                          Registered, RegistrationExpired, TimedOut)
+from agent.netlink_events import AddrEvent, LinkEvent, LinkWatcher
+
+from .config import MnConfig
+from .dhcp import Dhcp, DhcpError
+from .mipio import MipIo, Path
+
+log = logging.getLogger("mipmobike.mn")
+
+FA_LISTEN = 0.6        # how long detection waits for an agent advertisement after the lease
+
+
+@dataclass
+class Handover:
+    trigger: str
+    ifname: str
+    t_trigger: float                     # wall clock
+    t_lease: float | None = None
+    t_verdict: float | None = None
+    t_ready: float | None = None
+    verdict: str | None = None           # "trusted" | "untrusted" | "home" | "failed"
+    mode: str | None = None
+    reason: str = ""
+    coa: str | None = None
+    tia: str | None = None
+    mobike_only: bool = False
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("t_lease", "t_verdict", "t_ready"):
+            d[k.replace("t_", "ms_")] = None if d[k] is None else round((d[k] - self.t_trigger) * 1000, 1)
+        return d
+
+
+def sd_notify(state: str) -> None:
+    """systemd readiness (Type=notify); a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state.encode(), path)
+
+
+class MobileNodeAgent:
+    def __init__(self, cfg: MnConfig, *, gate=None, datapath=None, vpn=None, socket_factory=None) -> None:
+        self.cfg = cfg
+        self.gate = gate
+        self.datapath = datapath
+        self.vpn = vpn
+        sa = SecurityAssociation(cfg.spi, cfg.key, algorithm=cfg.algorithm)
+        self.engine = MobileNode(EngineConfig(
+            home_address=cfg.home_address, home_agent=cfg.home_agent, sa=sa, nai=cfg.nai,
+            lifetime=cfg.lifetime, reverse_tunnel=cfg.reverse_tunnel,
+            udp_tunnel=cfg.udp_tunnel != "never", udp_tunnel_force=cfg.udp_tunnel == "force",
+            initial_timeout=cfg.detection.initial_timeout, max_timeout=cfg.detection.max_timeout,
+            max_retransmissions=cfg.detection.retransmissions, renew_fraction=cfg.renew_fraction))
+        self._socket_factory = socket_factory
+        self.mip: MipIo | None = None
+        self.mode: str | None = None
+        self.trusted: bool | None = None
+        self.ifname: str | None = None
+        self.lease = None
+        self.fa: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None   # (agent, care-of address)
+        self.timeline: list[Handover] = []
+        self.counters: dict[str, int] = {"handovers": 0, "forged_or_unmatched_replies": 0}
+        self._task: asyncio.Task | None = None
+        self._waiter: asyncio.Future | None = None
+        self._link_up: dict[str, bool] = {}
+        self._stop = asyncio.Event()
+        self.control = ControlServer(cfg.control_socket)
+        self.started = time.time()
+
+    # -- MIP engine events ---------------------------------------------------------------------
+    def _on_mip(self, ev) -> None:
+        if isinstance(ev, AgentAdvertised):
+            adv = ev.advertisement
+            if adv.flags & AdvFlag.F and adv.care_of_addresses:
+                self.fa = (ev.source, adv.care_of_addresses[0])
+            return
+        if isinstance(ev, RegistrationExpired):
+            log.warning("binding expired; starting a new handover on %s", self.ifname)
+            if self.ifname:
+                self._start_handover(self.ifname, "binding-expired")
+            return
+        if isinstance(ev, Registered) and self._waiter is None:
+            log.info("binding renewed: care-of %s, lifetime %d", ev.binding.care_of_address, ev.lifetime)
+            return
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(ev)
+
+    async def _registration(self, register) -> object:
+        """Run one registration (a callable that starts it) and wait for its outcome event."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            register()
+            return await self._waiter
+        finally:
+            self._waiter = None
+
+    # -- link events -----------------------------------------------------------------------------
+    def _on_link(self, ev) -> None:
+        if isinstance(ev, LinkEvent):
+            was = self._link_up.get(ev.ifname)
+            self._link_up[ev.ifname] = ev.up
+            if ev.up and not was:
+                self._start_handover(ev.ifname, "link-up")
+            elif not ev.up and was:
+                self._link_down(ev.ifname)
+        elif isinstance(ev, AddrEvent) and not ev.added and self.lease is not None \
+                and ev.ifname == self.ifname and ev.address.ip == self.lease.ip and self._link_up.get(ev.ifname):
+            self._start_handover(ev.ifname, "address-lost")
+
+    def _link_down(self, ifname: str) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.gate is not None:
+            with contextlib.suppress(Exception):
+                self.gate.close(ifname)
+        if ifname == self.ifname:
+            self.trusted = None
+            self.fa = None
+            if self.datapath is not None:
+                with contextlib.suppress(Exception):
+                    self.datapath.leave(ifname)
+            self.lease = None
+        self.timeline.append(Handover("link-down", ifname, time.time(), verdict="none", reason="link lost"))
+
+    def _start_handover(self, ifname: str, trigger: str) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = asyncio.get_running_loop().create_task(self._handover(ifname, trigger))
+
+    # -- the handover ------------------------------------------------------------------------------
+    async def _handover(self, ifname: str, trigger: str) -> None:
+        h = Handover(trigger, ifname, time.time())
+        self.timeline.append(h)
+        del self.timeline[:-50]
+        self.counters["handovers"] += 1
+        try:
+            await self._detect_and_switch(h)
+        except asyncio.CancelledError:
+            h.verdict = h.verdict or "superseded"
+            h.reason = h.reason or "a newer link event replaced this handover"
+            raise
+        except Exception as e:
+            log.exception("handover on %s failed", ifname)
+            h.verdict, h.reason = "failed", f"{type(e).__name__}: {e}"
+        finally:
+            log.info("handover %s on %s: %s mode=%s ready=%s (%s)", trigger, ifname, h.verdict, h.mode,
+                     None if h.t_ready is None else f"{(h.t_ready - h.t_trigger) * 1000:.0f} ms", h.reason)
+
+    async def _detect_and_switch(self, h: Handover) -> None:
+        cfg, mip = self.cfg, self.mip
+        ifname = h.ifname
+        if self.gate is not None:
+            self.gate.close(ifname)                    # fail closed before anything leaves
+        self.trusted = None
+        previous_mode = self.mode
+        self.fa = None
+        if previous_mode != "mc":
+            # a binding through the old link (its CoA, its FA) is stale; only the TIA's survives a move
+            mip.cancel()
+        mip.listen_adverts(ifname)
+        lease = await Dhcp(ifname, timeout=15).acquire()
+        h.t_lease = time.time()
+        h.coa = str(lease.ip)
+        self.lease, self.ifname = lease, ifname
+        mip.solicit(ifname)
+        self.datapath.access(ifname, lease)
+
+        if lease.ip in cfg.home_prefix:
+            return await self._at_home(h, lease)
+
+        # (a) detection RRQ outside the VPN and (b) the VPN's address update, at the same moment
+        mip.set_path(lease.ip, ifname, bypass=True)
+        vpn_task = None
+        if self.vpn is not None:
+            vpn_task = asyncio.get_running_loop().create_task(self.vpn.update(ifname, lease.ip))
+        result = await self._registration(lambda: mip.register(lease.ip))
+        h.t_verdict = time.time()
+        if isinstance(result, Registered) and result.tnc:
+            h.verdict, h.reason = "trusted", "authenticated reply with TNC"
+            self.trusted = True
+            await self._trusted(h, lease, vpn_task)
+        else:
+            h.verdict = "untrusted"
+            h.reason = {Registered: "authenticated reply without TNC", TimedOut: "no reply from the i-HA",
+                        Denied: f"registration denied (code {getattr(result, 'code', '?')})"}.get(
+                type(result), f"unexpected {type(result).__name__}")
+            self.trusted = False
+            await self._untrusted(h, lease, vpn_task, previous_mode)
+        if self.gate is not None and self.mode is not None:
+            self.gate.open(ifname)
+        h.t_ready = time.time()
+
+    async def _at_home(self, h: Handover, lease) -> None:
+        h.t_verdict = time.time()
+        h.verdict, h.reason = "home", f"address {lease.ip} inside the home prefix {self.cfg.home_prefix}"
+        self.trusted = True
+        self.datapath.home(lease)
+        self.mip.set_path(self.cfg.home_address, h.ifname, bypass=True)
+        res = await self._registration(lambda: self.mip.deregister())
+        if not isinstance(res, Deregistered):
+            h.reason += f"; deregistration: {type(res).__name__}"
+        if self.vpn is not None and not self.cfg.vpn.keep_ike_when_trusted:
+            await self.vpn.stop()
+        self.mode = "home"
+        h.mode = "home"
+        if self.gate is not None:
+            self.gate.open(h.ifname)
+        h.t_ready = time.time()
+
+    async def _trusted(self, h: Handover, lease, vpn_task) -> None:
+        mode = "c"
+        if self.cfg.use_fa:
+            if self.fa is None:
+                await asyncio.sleep(max(0.0, FA_LISTEN - (time.time() - h.t_lease)))
+            if self.fa is not None:
+                agent, coa = self.fa
+                if self.gate is not None:
+                    self.gate.set_allowed(home_agents=[(self.cfg.home_agent, 434), (agent, 434)],
+                                          gateways=self._gateways())
+                self.datapath.mode_f(agent)
+                self.mip.set_path(self.cfg.home_address, h.ifname, bypass=True)
+                res = await self._registration(lambda: self.mip.register(coa, foreign_agent=agent))
+                if isinstance(res, Registered):
+                    mode = "f"
+                else:
+                    h.reason += f"; registration through the FA failed ({type(res).__name__}), mode c"
+                    res = await self._registration(lambda: self.mip.register(lease.ip))
+        if mode == "c":
+            self.datapath.mode_c(lease.ip)
+        self.mode = h.mode = mode
+        if vpn_task is not None:
+            if self.cfg.vpn.keep_ike_when_trusted:
+                vpn_task.add_done_callback(lambda t: t.exception())
+            else:
+                vpn_task.cancel()
+                await self.vpn.stop()
+
+    async def _untrusted(self, h: Handover, lease, vpn_task, previous_mode) -> None:
+        if vpn_task is None:
+            h.reason += "; no VPN configured: the link stays closed"
+            self.mode = h.mode = None
+            return
+        tia = await vpn_task
+        h.tia = str(tia)
+        b = self.engine.binding
+        if previous_mode == "mc" and b is not None and b.care_of_address == tia and b.foreign_agent is None:
+            h.mobike_only = True
+            h.reason += "; VPN moved by MOBIKE, TIA unchanged: no new registration"
+        else:
+            self.mip.set_path(tia, None, bypass=False)
+            res = await self._registration(lambda: self.mip.register(tia))
+            if not isinstance(res, Registered):
+                h.reason += f"; registration through the VPN failed ({type(res).__name__})"
+                self.mode = h.mode = None
+                return
+        self.datapath.mode_mc(tia)
+        self.mode = h.mode = "mc"
+
+    def _gateways(self) -> list:
+        return [self.cfg.vpn.gateway] if self.cfg.vpn else []
+
+    # -- status ------------------------------------------------------------------------------------
+    def status(self, req: dict | None = None) -> dict:
+        b = self.engine.binding
+        now = time.time()
+        gate = None
+        if self.gate is not None:
+            try:
+                gate = {"backend": self.gate.backend_name,
+                        "interfaces": {k: str(getattr(v, "value", v)) for k, v in self.gate.interfaces().items()},
+                        "counters": {i: self.gate.counters(i) for i in self.cfg.interfaces if self._link_known(i)}}
+            except Exception as e:
+                gate = {"error": str(e)}
+        return {
+            "role": "mn",
+            "mode": self.mode,
+            "trusted": self.trusted,
+            "interface": self.ifname,
+            "care_of_address": str(self.lease.ip) if self.lease else None,
+            "home_address": str(self.cfg.home_address),
+            "home_agent": str(self.cfg.home_agent),
+            "tia": str(self.datapath.tia) if self.datapath and self.datapath.tia else None,
+            "foreign_agent": [str(x) for x in self.fa] if self.fa else None,
+            "binding": None if b is None else {
+                "care_of_address": str(b.care_of_address),
+                "foreign_agent": str(b.foreign_agent) if b.foreign_agent else None,
+                "lifetime": b.lifetime,
+                "remaining": None if b.expires_at is None else round(b.expires_at - now, 1),
+                "tnc": b.tnc, "udp_tunnel": b.udp_tunnel},
+            "ike": self.vpn.status() if self.vpn is not None else None,
+            "gate": gate,
+            "mip_counters": dict(self.engine.counters),
+            "counters": dict(self.counters),
+            "timeline": [h.as_dict() for h in self.timeline[-20:]],
+            "uptime": round(now - self.started, 1),
+        }
+
+    def _link_known(self, ifname: str) -> bool:
+        return ifname in self._link_up
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        kw = {"socket_factory": self._socket_factory} if self._socket_factory else {}
+        self.mip = MipIo(self.engine, self._on_mip, **kw)
+        if self.datapath is not None:
+            n = self.datapath.reconcile()
+            if n:
+                log.info("removed %d kernel objects left by an earlier run", n)
+        if self.gate is not None:
+            self.gate.set_allowed(home_agents=[(self.cfg.home_agent, 434)], gateways=self._gateways())
+            for ifname in self.cfg.interfaces:
+                with contextlib.suppress(Exception):
+                    self.gate.attach(ifname)       # closed, or the state a predecessor left (adopted)
+        self.control.register("status", self.status)
+        await self.control.start()
+        watcher = LinkWatcher(self.cfg.interfaces)
+        await watcher.start()
+        sd_notify("READY=1")
+        log.info("mobile node agent up: home address %s, i-HA %s, interfaces %s", self.cfg.home_address,
+                 self.cfg.home_agent, ", ".join(self.cfg.interfaces))
+        pump = loop.create_task(self._pump(watcher))
+        try:
+            await self._stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            pump.cancel()
+            watcher.close()
+            await self.shutdown()
+
+    async def _pump(self, watcher: LinkWatcher) -> None:
+        while True:
+            self._on_link(await watcher.get())
+
+    async def shutdown(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self.vpn is not None:
+            with contextlib.suppress(Exception):
+                await self.vpn.stop()
+        if self.mip is not None:
+            self.mip.close()
+        if self.datapath is not None:
+            with contextlib.suppress(Exception):
+                self.datapath.clear()
+        if self.gate is not None:
+            # a clean stop removes the gate with everything else; only a crash leaves the
+            # pinned programs behind, closed (fail closed), for the next start to adopt
+            with contextlib.suppress(Exception):
+                self.gate.destroy()
+        await self.control.close()
