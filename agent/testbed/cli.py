@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("up", help="build everything and start DHCP servers, the VPN gateway and the agents")
     common(p)
     p.add_argument("--layout", default="figure1", choices=sorted(LAYOUTS))
-    p.add_argument("--at", default="internal-1", metavar="NET",
-                   help="where the mobile node's interface starts (default internal-1; 'none': detached)")
+    p.add_argument("--at", default="default", metavar="NET",
+                   help="where the mobile node's interface starts (default: internal-1 in figure1, "
+                        "op-lan in operator; 'none': detached)")
     p.add_argument("--ipsec", default="auto", choices=("auto", "kernel", "libipsec"),
                    help="gateway ESP data path (auto: kernel ESP if the kernel has it)")
     p.add_argument("--agents", default="auto", choices=("auto", "require", "none"),
@@ -48,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("move", help="move the mobile node's interface to NET (link down, move, link up)")
     common(p)
-    p.add_argument("net", metavar="NET", help="home, internal-1..3, external-1, external-2, or none")
+    p.add_argument("net", metavar="NET", help="figure1: home, internal-1..3, external-1, external-2; "
+                                              "operator: home, op-lan, op-wlan, cellular, internet, hotspot; or none")
     p.add_argument("--gap", type=float, default=0.0, help="seconds without link between leaving and arriving")
     p.add_argument("--dhcp", action="store_true",
                    help="then get a DHCP lease with pyroute2's client (only without an agent running)")

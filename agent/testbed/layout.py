@@ -24,6 +24,10 @@ mobile node's single interface (``eth0`` in namespace ``mn``) has its peer
 ``mn`` in the switch, and moving the node re-enslaves that peer to another
 bridge (link down, new master, link up), so the node sees real carrier events.
 
+``operator()`` is RFC 5266 Appendix A (a mobile operator's network) on the
+same skeleton: op-lan, op-wlan (i-FA), cellular (behind a carrier-grade NAT,
+trusted), internet and hotspot (behind a NAT, untrusted).
+
 The firewall forwards from outside only IKE (UDP 500/4500), ESP and ICMP to
 the gateway's outside address; the Internet router routes 10.0.0.0/8 to the
 firewall, so it is the firewall's policy that blocks the plain path to the
@@ -35,7 +39,7 @@ interface (only decrypted traffic may enter).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,7 @@ class Layout:
     cn_node: str = "cn"
     dhcp_lease: str = "1h"
     reservations: dict[str, str] = field(default_factory=dict)   # NET -> address given to the MN's MAC
+    default_at: str = "internal-1"
 
     def port_name(self, port: Port) -> str:
         """The bridge-side name (in the switch namespace) of a host's segment interface."""
@@ -281,4 +286,48 @@ def figure1() -> Layout:
     return lay
 
 
-LAYOUTS = {"figure1": figure1}
+def operator() -> Layout:
+    """RFC 5266 Appendix A, a mobile operator's network (Figure 2), as modelled here.
+
+    The same machinery as Figure 1 with the operator's roles: the i-HA and an
+    operator service (the correspondent) in the operator core; trusted
+    accesses are the operator's own LAN (op-lan), its WLAN with the i-FA
+    (op-wlan) and its cellular access behind a carrier-grade NAT in shared
+    address space 100.64.0.0/10 (cellular: trusted, yet NATed, so RFC 3519);
+    untrusted accesses are the public Internet (internet) and a third-party
+    hotspot behind a NAT (hotspot), from where only the operator's VPN
+    gateway (an ePDG-like IPsec edge) leads in. Written from the RFC's
+    description of the operator case; the address plan is this project's.
+    """
+    base = figure1()
+    rename = {"home": "home", "internal-1": "op-lan", "internal-2": "op-wlan", "internal-3": "cellular",
+              "external-1": "internet", "external-2": "hotspot"}
+    notes = {"op-lan": "the operator's own fixed access", "op-wlan": "the operator's WLAN with the i-FA",
+             "cellular": "the operator's cellular access behind a carrier-grade NAT (RFC 3519)",
+             "internet": "the public Internet", "hotspot": "a third-party hotspot behind a NAT",
+             "home": "the operator core: i-HA and an operator service (correspondent)"}
+    cgn = {"prefix": "100.64.1.0/24", "router": "100.64.1.1", "dhcp": ("100.64.1.100", "100.64.1.199")}
+    nets = {}
+    for n in base.nets.values():
+        new = rename[n.name]
+        kw = dict(name=new, note=notes[new])
+        if new == "cellular":
+            kw.update(cgn)
+        nets[new] = replace(n, **kw)
+    ports = []
+    for p in base.ports:
+        cidr = "100.64.1.1/24" if rename[p.net] == "cellular" else p.cidr
+        ports.append(replace(p, net=rename[p.net], cidr=cidr))
+    nodes = dict(base.nodes, core="operator core router (core network, op-lan)",
+                 fa="access router of op-wlan with the i-FA", inat="carrier-grade NAT of the cellular access",
+                 gw="the operator's VPN gateway (strongSwan) at its edge",
+                 fw="the operator's firewall towards the Internet", inet="Internet router (internet)",
+                 nat="NAT router of the hotspot", cn="operator service host (correspondent) in the core",
+                 ha="i-HA (the operator's home agent) in the core")
+    lay = replace(base, name="operator", nets=nets, ports=ports, nodes=nodes,
+                  reservations={"home": base.addr.home_address}, default_at="op-lan")
+    lay.check()
+    return lay
+
+
+LAYOUTS = {"figure1": figure1, "operator": operator}

@@ -232,8 +232,14 @@ class Testbed:
         return [n for n in self.namespaces.values() if n in have]
 
     # -- up ---------------------------------------------------------------------------------
-    def up(self, at: str | None = "internal-1") -> "Testbed":
-        """Build everything; on any failure (or Ctrl-C) tear down what was made and raise."""
+    def up(self, at: str | None = "default") -> "Testbed":
+        """Build everything; on any failure (or Ctrl-C) tear down what was made and raise.
+
+        ``at``: the NET the node starts on ("default": the layout's first
+        trusted access net, internal-1 in Figure 1; None or "none": detached).
+        """
+        if at == "default":
+            at = self.layout.default_at
         if at is not None and at != "none" and at not in self.nets:
             raise TestbedError(f"unknown NET {at!r}: one of {', '.join(self.nets)} or none")
         self._preflight()
@@ -398,7 +404,6 @@ class Testbed:
 
     def _write_agent_configs(self) -> None:
         a, conf, run = self.addr, self.dir / "conf", self.dir / "run"
-        home = self.nets["home"]
         mn = {
             "interfaces": [self.layout.mn_if], "home_address": a.home_address, "home_agent": a.ha,
             "home_prefix": a.home_prefix, "nai": MN_NAI, "spi": MN_SPI, "algorithm": "hmac-md5",
@@ -424,8 +429,8 @@ class Testbed:
         ha_nodes = [{"home_address": a.home_address, "nai": MN_NAI, "spi": MN_SPI, "algorithm": "hmac-md5",
                      "key_file": self.files["mip_mn_key"], "reverse_tunnel_required": False,
                      "udp_tunnel_allowed": True}]
-        ha_fas = [{"address": self.nets["internal-2"].fa, "spi": FA_SPI, "algorithm": "hmac-md5",
-                   "key_file": self.files["mip_fa_key"]}] if "internal-2" in self.nets else []
+        ha_fas = [{"address": n.fa, "spi": FA_SPI, "algorithm": "hmac-md5", "key_file": self.files["mip_fa_key"]}
+                  for n in self.nets.values() if n.fa]
         (conf / "ha.toml").write_text(_toml({"ha": ha, "ha.dataplane": {"backend": "auto"}, "ha.nodes": ha_nodes,
                                              "ha.foreign_agents": ha_fas},
                                             f"# i-HA configuration written by mipmobike testbed {self.id}\n"))

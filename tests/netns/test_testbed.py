@@ -225,3 +225,18 @@ def test_cli_up_status_move_exec_down_in_separate_processes(tmp_path):
     finally:
         Testbed(tid, root=tmp_path).down()
     assert not {n for n in _ns_list() if n.startswith(f"mmtb-{tid}-")}
+
+
+def test_operator_layout_cellular_behind_cgn_is_inside_hotspot_is_not(tmp_path):
+    op = Testbed(unique("p"), layout="operator", root=tmp_path, ns_prefix=f"{ns_prefix()}tbo-", agents="none")
+    try:
+        op.up(at="cellular")
+        assert op.dhcp().startswith("100.64.1.")
+        assert op.ping("mn", op.addr.cn)
+        op.move("hotspot")
+        assert op.dhcp().startswith("192.168.2.")
+        assert op.ping("mn", op.addr.gw_public) and not op.ping("mn", op.addr.cn, 1, 1)
+        assert Testbed.load(op.id, tmp_path).layout.name == "operator"
+    finally:
+        op.down()
+    assert not set(op.namespaces.values()) & _ns_list()
