@@ -470,6 +470,9 @@ class Testbed:
         dm = procs.spawn(f"dnsmasq-{n.name}", self.ns(n.router_node), argv,
                          str(self.dir / "logs" / f"dnsmasq-{n.name}.log"))
         dm.extra = {"net": n.name, "pid_file": str(pidfile), "lease_file": str(d / (n.name + ".leases"))}
+        old = self.daemons.get(dm.name)
+        if old is not None and old.alive():
+            procs.stop(old)
         self.daemons[dm.name] = dm
         self.save()
 
@@ -505,13 +508,61 @@ class Testbed:
     def _agent_argv(self, role: str) -> list[str]:
         return [sys.executable, "-m", "agent.cli", role, "--config", self.files[f"{role}_config"]]
 
+    def _agent_env(self) -> tuple[str, dict]:
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env = {"PYTHONPATH": pkg_root + (os.pathsep + os.environ["PYTHONPATH"] if "PYTHONPATH" in os.environ
+                                         else "")}
+        return pkg_root, env
+
+    def start_agent(self, role: str, extra_args: list[str] | None = None, wait: float | None = 60) -> procs.Daemon:
+        """Start ``mipmobike ROLE --config <the testbed's config>`` in its node's namespace.
+
+        ``role``: "ha", "fa" or "mn" (the mobile node agent, with mn.toml;
+        "mn-cert" uses the X.509 configuration). Recorded like every daemon,
+        so ``down`` stops it; with ``wait`` the call returns once its control
+        socket exists (TestbedError if it exits or the time runs out).
+        """
+        cmd = "mn" if role == "mn-cert" else role
+        node = {"ha": self.layout.ha_node, "fa": self.layout.fa_node, "mn": self.layout.mn_node}.get(cmd)
+        conf = self.files.get({"mn": "mn_config", "mn-cert": "mn_cert_config"}.get(role, f"{role}_config"))
+        if node is None or conf is None:
+            raise TestbedError(f"no agent {role!r} in this testbed (ha, fa, mn, mn-cert)")
+        if not self.agent_available(cmd):
+            raise TestbedError(f"`mipmobike {cmd}` is not implemented in this checkout")
+        name = "mn-agent" if cmd == "mn" else f"i-{cmd}"
+        if name in self.daemons and self.daemons[name].alive():
+            raise TestbedError(f"{name} already runs (pid {self.daemons[name].pid})")
+        pkg_root, env = self._agent_env()
+        argv = [sys.executable, "-m", "agent.cli", cmd, "--config", conf, *(extra_args or [])]
+        d = procs.spawn(name, self.ns(node), argv, str(self.dir / "logs" / f"{name}.log"), env=env, cwd=pkg_root,
+                        ip_netns_exec=True)
+        d.extra = {"control_socket": str(self.dir / "run" / f"{cmd}.sock"), "env": env, "cwd": pkg_root,
+                   "ip_netns_exec": True}
+        self.daemons[name] = d
+        self.save()
+        if wait:
+            self._wait_socket(d, wait)
+        return d
+
+    def _wait_socket(self, d: procs.Daemon, timeout: float) -> None:
+        sock = Path(d.extra["control_socket"])
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            rc = procs.exited(d)
+            if rc is not None or time.monotonic() > deadline:
+                why = f"exited ({rc})" if rc is not None else f"no control socket after {timeout}s"
+                d.note = why
+                self.save()
+                raise TestbedError(f"{d.name} {why}: {self._tail(d.log, 800)}")
+            time.sleep(0.05)
+        d.ready = True
+        d.note = ""
+        self.save()
+
     def _start_agents(self) -> None:
         if self.agents == "none":
             self.notes.append("agents not started (agents=none)")
             return
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        env = {"PYTHONPATH": pkg_root + (os.pathsep + os.environ["PYTHONPATH"] if "PYTHONPATH" in os.environ
-                                         else "")}
         for role, node in (("ha", self.layout.ha_node), ("fa", self.layout.fa_node)):
             if f"{role}_config" not in self.files:
                 continue
@@ -523,11 +574,7 @@ class Testbed:
                     raise TestbedError(msg)
                 self.notes.append(msg)
                 continue
-            d = procs.spawn(f"i-{role}", self.ns(node), self._agent_argv(role),
-                            str(self.dir / "logs" / f"{role}.log"), env=env, cwd=pkg_root, ip_netns_exec=True)
-            d.extra = {"control_socket": str(self.dir / "run" / f"{role}.sock")}
-            self.daemons[d.name] = d
-        self.save()
+            self.start_agent(role, wait=None)
 
     def _wait_agents(self, timeout: float = 60) -> None:
         """Wait for each started agent's control socket; a dead agent fails ``up`` only with agents=require."""
@@ -536,20 +583,12 @@ class Testbed:
             d = self.daemons.get(name)
             if d is None:
                 continue
-            sock = Path(d.extra["control_socket"])
-            while not sock.exists():
-                rc = procs.exited(d)
-                if rc is not None or time.monotonic() > deadline:
-                    why = (f"exited ({rc})" if rc is not None else f"no control socket after {timeout}s")
-                    msg = f"{name} {why}: {self._tail(d.log, 600)}"
-                    if self.agents == "require":
-                        raise TestbedError(msg)
-                    d.note = why
-                    self.notes.append(msg)
-                    break
-                time.sleep(0.05)
-            else:
-                d.ready = True
+            try:
+                self._wait_socket(d, max(0.1, deadline - time.monotonic()))
+            except TestbedError as e:
+                if self.agents == "require":
+                    raise
+                self.notes.append(str(e))
         self.save()
 
     # -- the mobile node's link ---------------------------------------------------------------
@@ -697,6 +736,52 @@ class Testbed:
         d.note = "stopped"
         self.save()
         return was
+
+    def restart(self, name: str, wait: float = 60) -> procs.Daemon:
+        """Stop a daemon and start it again as it was (the gateway reloads its configuration).
+
+        For the "gateway restarts" / "i-HA restarts" cases of the end-to-end suite.
+        """
+        d = self.daemons.get(name)
+        if d is None:
+            raise TestbedError(f"no daemon {name!r}: {', '.join(self.daemons)}")
+        procs.stop(d)
+        if name == "charon-gw":
+            gw = self.gateway()
+            self.daemons[name] = gw.spawn()
+            self.save()
+            gw.wait_ready(wait)
+            gw.load_all()
+            self.daemons[name].ready = True
+        elif name.startswith("dnsmasq-"):
+            self._start_dnsmasq(self.nets[d.extra["net"]])
+            self._wait_dnsmasq(self.daemons[name], wait)
+        elif name in ("i-ha", "i-fa", "mn-agent"):
+            del self.daemons[name]
+            role = "mn" if name == "mn-agent" else name[2:]
+            if name == "mn-agent" and "--config" in d.argv and d.argv[d.argv.index("--config") + 1] == \
+                    self.files.get("mn_cert_config"):
+                role = "mn-cert"
+            extra = d.argv[d.argv.index("--config") + 2:] if "--config" in d.argv else []
+            self.start_agent(role, extra, wait=wait)
+        else:
+            raise TestbedError(f"{name} cannot be restarted by the testbed (start it again yourself)")
+        self.save()
+        return self.daemons[name]
+
+    def impair(self, loss: float = 0.0, delay_ms: float = 0.0) -> None:
+        """Packet loss (percent) and delay on the node's access link, both directions (netem).
+
+        ``impair()`` with no arguments removes it. Needs sch_netem (the VM has it, this host does not).
+        """
+        for node, ifn in ((self.layout.switch, self.layout.switch_mn_port), (self.layout.mn_node, self.mn_if)):
+            if loss or delay_ms:
+                p = _run(["tc", "qdisc", "replace", "dev", ifn, "root", "netem", "loss", f"{loss}%",
+                          "delay", f"{delay_ms}ms"], ns=self.ns(node), check=False)
+                if p.returncode:
+                    raise TestbedError(f"impairing the access link needs netem (sch_netem): {p.stderr.strip()}")
+            else:
+                _run(["tc", "qdisc", "del", "dev", ifn, "root"], ns=self.ns(node), check=False)   # none is fine
 
     # -- status -------------------------------------------------------------------------------------
     def status(self) -> dict:

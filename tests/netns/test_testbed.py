@@ -240,3 +240,25 @@ def test_operator_layout_cellular_behind_cgn_is_inside_hotspot_is_not(tmp_path):
     finally:
         op.down()
     assert not set(op.namespaces.values()) & _ns_list()
+
+
+def test_restart_gateway_and_dhcp_server_and_impair_needs_netem(tb):
+    old = tb.daemons["charon-gw"].pid
+    tb.restart("charon-gw")
+    assert tb.daemons["charon-gw"].pid != old and tb.daemons["charon-gw"].alive()
+    conns = tb.gateway().swanctl("--list-conns").stdout
+    assert "rw-psk" in conns and "rw-cert" in conns
+    tb.restart("dnsmasq-external-1")
+    tb.move("external-1")
+    assert tb.dhcp().startswith("198.51.100.")
+    assert Testbed.load(tb.id, tb.root).status()["healthy"]
+    has_netem = subprocess.run(["ip", "netns", "exec", tb.ns("sw"), "tc", "qdisc", "replace", "dev", "lo", "root",
+                                "netem", "loss", "0%"], capture_output=True).returncode == 0
+    if has_netem:
+        tb.impair(loss=10)
+        assert "netem" in tb.exec("mn", ["tc", "qdisc", "show", "dev", tb.mn_if]).stdout
+        tb.impair()
+        assert "netem" not in tb.exec("mn", ["tc", "qdisc", "show", "dev", tb.mn_if]).stdout
+    else:
+        with pytest.raises(TestbedError, match="netem"):
+            tb.impair(loss=10)

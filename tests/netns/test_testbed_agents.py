@@ -83,3 +83,9 @@ def test_agents_run_and_trust_detection_works_in_the_testbed(tba):
         assert isinstance(ev, Registered) and not ev.tnc, ev
     finally:
         tba.stop("charon-mn")
+    # the i-HA restarting keeps answering (its bindings survive in its state file)
+    tba.restart("i-ha")
+    tba.move("internal-1")
+    coa = tba.static_address(61).split("/")[0]
+    ev = register(tba, coa, coa)
+    assert isinstance(ev, Registered) and ev.tnc, ev
