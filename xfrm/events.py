@@ -228,6 +228,12 @@ class XfrmMonitor:
             self._sock.close()
             self._sock = None
 
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc):
+        self.close()
+
     async def __aenter__(self):
         return self.open()
 

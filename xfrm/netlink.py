@@ -59,6 +59,13 @@ def open_socket(netns: Optional[str]) -> socket.socket:
     Raises FileNotFoundError when the namespace does not exist."""
     if netns is None:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+    if "/" in netns:                  # a path (/run/netns/x, /proc/PID/ns/net): by fd
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return pr_netns.create_socket(fd, socket.AF_NETLINK, socket.SOCK_RAW,
+                                          NETLINK_XFRM, flags=0)
+        finally:
+            os.close(fd)
     return pr_netns.create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM,
                                   flags=0)
 
