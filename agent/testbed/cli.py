@@ -173,4 +173,8 @@ def run(args: argparse.Namespace) -> int:
     except TestbedError as e:
         print(f"mipmobike testbed {action}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"mipmobike testbed {action}: interrupted" + ("; everything made so far was removed"
+                                                             if action == "up" else ""), file=sys.stderr)
+        return 130
     return 2

@@ -30,6 +30,9 @@ def test_testbed_with_kernel_esp_up_move_down(tmp_path):
             time.sleep(0.5)
         assert "TUNNEL-in-UDP" in sas, sas
         assert tb.ping("mn", tb.addr.cn, 3, 3)
+        tb.impair(loss=1, delay_ms=5)                                   # netem is there in this kernel
+        assert "netem" in tb.exec("mn", ["tc", "qdisc", "show", "dev", tb.mn_if]).stdout
+        tb.impair()
     finally:
         tb.down()
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
