@@ -471,9 +471,12 @@ class Xfrm:
             if cur is not None and cur.src == n.src and _same_encap(cur.encap, n.encap):
                 continue
             if cur is not None and cur.src == n.src:
+                log.debug("MIGRATE kept the encapsulation of %s; re-adding it", cur)
                 self._readd_same_key(cur, dataclasses.replace(cur, encap=n.encap,
                                                                     stats=None))
             else:
+                log.debug("MIGRATE did not move %s (no policy template covers it); "
+                          "re-adding it", o)
                 cur = self.get_sa(o)
                 moved = dataclasses.replace(cur, src=n.src, dst=n.dst, encap=n.encap,
                                             stats=None)

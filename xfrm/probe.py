@@ -100,6 +100,15 @@ def probe() -> ProbeResult:
         pr_netns.remove(ns)
 
 
+def probe_migrate() -> tuple:
+    """``(supported, detail)`` for XFRM_MSG_MIGRATE alone (what ``mipmobike
+    doctor`` asks); :func:`probe` tells ESP and algorithms as well."""
+    r = probe()
+    if r.migrate:
+        return True, f"XFRM_MSG_MIGRATE moves a policy (kernel {r.kernel})"
+    return False, r.migrate_error or "XFRM_MSG_MIGRATE failed"
+
+
 async def probe_async() -> ProbeResult:
     """:func:`probe` for asyncio code (it does not block for long)."""
     return probe()

@@ -264,6 +264,17 @@ def test_expire_events(lab, clean):
             assert kinds.index(("Expire", False)) < kinds.index(("Expire", True))
             with pytest.raises(xfrm.XfrmNotFound):
                 await x.get_sa(sa)
+            # an explicit delete is an SA event too
+            other = SA("203.0.113.7", "203.0.113.8", 0xF2, CBC[1], reqid=R + 9)
+            await x.add_sa(other)
+            await x.delete_sa(other)
+            evs = []
+            while not evs or evs[-1].kind != "delete":
+                e = await mon.get(timeout=5)
+                if isinstance(e, xfrm.SAChanged) and e.sa.spi == 0xF2:
+                    evs.append(e)
+            assert [e.kind for e in evs] == ["new", "delete"]
+            assert evs[1].sa.reqid == R + 9 and evs[1].sa.algorithms == CBC[1]
     asyncio.run(main())
 
 

@@ -208,6 +208,8 @@ def test_probe_and_no_leftover_namespaces():
     else:
         assert r.algorithms["cbc(aes)+hmac(sha256)"]
     assert "XFRM migrate: yes" in str(r)
+    ok, detail = xfrm.probe_migrate()             # what `mipmobike doctor` calls
+    assert ok is True and "MIGRATE" in detail
 
 
 def test_codec_round_trip():
