@@ -7,6 +7,12 @@
     tb.exec("mn", ["ping", "-c1", tb.addr.inet])
     tb.down()                     # idempotent; also Testbed.load("t1").down() from another process
 
+More: ``tb.ns(node)`` (namespace name), ``tb.mn_if``, ``tb.access_port`` (where to
+capture the node's access link), ``tb.files`` (configs, keys, certificates),
+``tb.static_address()``, ``tb.vpn_client()`` (strongSwan as the node's VPN client),
+``tb.start_agent("mn")``, ``tb.restart("charon-gw" | "i-ha" | ...)``, ``tb.stop(name)``,
+``tb.impair(loss=10)`` (netem), ``tb.gateway()`` (the gateway's Charon), ``tb.status()``.
+
 Every step of ``up`` is recorded in ``state.json`` in the state directory as it
 happens, so ``Testbed.load(id)`` (``mipmobike testbed status|move|down``)
 works from another process, and a failed or interrupted ``up`` is undone.
@@ -169,6 +175,11 @@ class Testbed:
     @property
     def mn_if(self) -> str:
         return self.layout.mn_if
+
+    @property
+    def access_port(self) -> tuple[str, str]:
+        """(namespace, interface) of the switch side of the node's access link: capture here."""
+        return self.ns(self.layout.switch), self.layout.switch_mn_port
 
     @property
     def state_file(self) -> Path:
