@@ -18,9 +18,9 @@ from typing import List, Optional, Union
 
 from . import messages as m
 from .constants import IPPROTO_ESP, XFRM_MAX_DEPTH, Dir, Mode, Msg
-from .errors import NamespaceNotFound, MigrateUnsupported, XfrmError, XfrmNotFound, from_kernel
-from .model import (DEFAULT_OWNER, SA, AddressLike, Bundle, Encap, Owner, Policy,
-                    PolicyId, SAId, Template, family_of, ip, pack_addr, policy_from_msg,
+from .errors import MigrateUnsupported, NamespaceNotFound, XfrmError, XfrmNotFound, from_kernel
+from .model import (DEFAULT_OWNER, SA, AddressLike, Bundle, Encap, Owner, Policy, PolicyId,
+                    SAId, Template, encap_attr, family_of, ip, pack_addr, policy_from_msg,
                     policy_id_to_msg, policy_to_msg, sa_from_msg, sa_to_msg, said_to_msg)
 from .netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
                       KernelError, XfrmChannel)
@@ -111,11 +111,11 @@ class Xfrm:
         key = (sa.dst, sa.spi, sa.proto)
         if key in self._larval:
             self._request(sa_to_msg(sa), Msg.UPDSA, _ACK, "add SA", str(sa),
-                                proto=sa.proto, algorithms=sa.algorithms.names())
+                          proto=sa.proto, algorithms=sa.algorithms.names())
             self._larval.discard(key)
             return
         self._request(sa_to_msg(sa), Msg.NEWSA, _CREATE, "add SA", str(sa),
-                            proto=sa.proto, algorithms=sa.algorithms.names())
+                      proto=sa.proto, algorithms=sa.algorithms.names())
 
     def update_sa(self, sa: SA) -> None:
         """XFRM_MSG_UPDSA: change an installed SA in place. The kernel takes
@@ -123,14 +123,14 @@ class Xfrm:
         selector from ``sa``; addresses and keys cannot change this way."""
         self._check_owned_reqid(sa.reqid, sa)
         self._request(sa_to_msg(sa), Msg.UPDSA, _ACK, "update SA", str(sa),
-                            proto=sa.proto, algorithms=sa.algorithms.names())
+                      proto=sa.proto, algorithms=sa.algorithms.names())
         self._larval.discard((sa.dst, sa.spi, sa.proto))
 
     def get_sa(self, sa: Union[SA, SAId]) -> SA:
         """The SA as the kernel has it now: keys, replay state, counters."""
         said = _said(sa)
         replies = self._request(said_to_msg(said), Msg.GETSA, NLM_F_REQUEST,
-                                      "get SA", str(said))
+                                "get SA", str(said))
         for msg in replies:
             if msg["header"]["type"] == Msg.NEWSA:
                 return sa_from_msg(msg)
@@ -156,8 +156,8 @@ class Xfrm:
         return out
 
     def allocate_spi(self, src: AddressLike, dst: AddressLike, *, reqid: int = 0,
-                           proto: int = IPPROTO_ESP, mode: Mode = Mode.TUNNEL,
-                           spi_min: int = 0x100, spi_max: int = 0xFFFFFFFF) -> int:
+                     proto: int = IPPROTO_ESP, mode: Mode = Mode.TUNNEL,
+                     spi_min: int = 0x100, spi_max: int = 0xFFFFFFFF) -> int:
         """XFRM_MSG_ALLOCSPI: the kernel picks an unused SPI for an inbound SA
         ``src -> dst`` and holds a larval SA for it (expiring after a while);
         :meth:`add_sa` of an SA with that SPI then completes it in place."""
@@ -176,7 +176,7 @@ class Xfrm:
                   "hard_packet_limit"):
             msg[k] = 0xFFFFFFFFFFFFFFFF
         replies = self._request(msg, Msg.ALLOCSPI, NLM_F_REQUEST, "allocate SPI",
-                                      f"{src}->{dst}", proto=proto)
+                                f"{src}->{dst}", proto=proto)
         for r in replies:
             if r["header"]["type"] == Msg.NEWSA:
                 spi = r["id_spi"]
@@ -209,30 +209,30 @@ class Xfrm:
         same selector, direction, mark and if_id exists."""
         self._check_policy(pol)
         self._request(policy_to_msg(self._policy_index(pol)), Msg.NEWPOLICY, _CREATE,
-                            "add policy", str(pol))
+                      "add policy", str(pol))
 
     def update_policy(self, pol: Policy) -> None:
         """XFRM_MSG_UPDPOLICY: replace the policy with the same selector,
         direction, mark and if_id (keeping its index), or add it."""
         self._check_policy(pol)
         self._request(policy_to_msg(self._policy_index(pol)), Msg.UPDPOLICY, _ACK,
-                            "update policy", str(pol))
+                      "update policy", str(pol))
 
     def get_policy(self, pol: Union[Policy, PolicyId]) -> Policy:
         pid = _pid(pol)
         replies = self._request(policy_id_to_msg(pid), Msg.GETPOLICY, NLM_F_REQUEST,
-                                      "get policy", str(pid))
+                                "get policy", str(pid))
         for msg in replies:
             if msg["header"]["type"] == Msg.NEWPOLICY:
                 return policy_from_msg(msg)
         raise XfrmNotFound(errno.ENOENT, "get policy", str(pid))
 
     def delete_policy(self, pol: Union[Policy, PolicyId], *,
-                            missing_ok: bool = False) -> bool:
+                      missing_ok: bool = False) -> bool:
         pid = _pid(pol)
         try:
             self._request(policy_id_to_msg(pid), Msg.DELPOLICY, _ACK, "delete policy",
-                                str(pid))
+                          str(pid))
         except XfrmNotFound:
             if missing_ok:
                 return False
@@ -240,11 +240,11 @@ class Xfrm:
         return True
 
     def policies(self, *, owned_only: bool = False,
-                       include_socket: bool = True) -> List[Policy]:
+                 include_socket: bool = True) -> List[Policy]:
         """All policies (a dump). Per-socket policies (``Dir.SOCKET_*``) are
         included unless ``include_socket`` is False."""
         replies = self._request(m.xfrm_userpolicy_info(), Msg.GETPOLICY, _DUMP,
-                                      "dump policies")
+                                "dump policies")
         out = [policy_from_msg(x) for x in replies if x["header"]["type"] == Msg.NEWPOLICY]
         if not include_socket or owned_only:
             out = [p for p in out if p.dir <= Dir.FWD]
@@ -355,7 +355,7 @@ class Xfrm:
             raise first
 
     def migrate(self, bundle: Bundle, *, local: AddressLike, remote: AddressLike,
-                      encap_ports=_KEEP) -> Bundle:
+                encap_ports=_KEEP) -> Bundle:
         """Move an installed tunnel-mode ``bundle`` to new outer addresses.
 
         ``encap_ports`` is ``(local_port, remote_port)`` for ESP-in-UDP after
@@ -413,7 +413,7 @@ class Xfrm:
                 self.update_sa(dataclasses.replace(cur, encap=n.encap, stats=None))
             else:
                 self._readd_same_key(cur, dataclasses.replace(cur, encap=n.encap,
-                                                                    stats=None))
+                                                              stats=None))
 
     def _migrate_msg(self, old_p: Policy, new_p: Policy, encap: Optional[Encap]):
         msg = policy_id_to_msg(PolicyId(old_p.selector, old_p.dir, None, old_p.if_id, 0,
@@ -432,9 +432,7 @@ class Xfrm:
         attrs = [a for a in msg["attrs"] if a[0] != "XFRMA_MARK"]
         attrs.append(("XFRMA_MIGRATE", entries))
         if encap is not None:
-            attrs.append(("XFRMA_ENCAP", {"encap_type": encap.type, "encap_sport": encap.sport,
-                                          "encap_dport": encap.dport,
-                                          "encap_oa": pack_addr(encap.oa)}))
+            attrs.append(encap_attr(encap))
         msg["attrs"] = attrs
         return msg
 
@@ -456,7 +454,7 @@ class Xfrm:
                     back_enc = old.outbound.encap if op.dir == Dir.OUT else old.inbound.encap
                     try:
                         self._request(self._migrate_msg(np_, op, back_enc), Msg.MIGRATE,
-                                            _ACK, "migrate back", str(op))
+                                      _ACK, "migrate back", str(op))
                     except XfrmError as e2:
                         log.warning("rollback of migrate %s failed: %s", op, e2)
             raise
@@ -473,7 +471,7 @@ class Xfrm:
             if cur is not None and cur.src == n.src:
                 log.debug("MIGRATE kept the encapsulation of %s; re-adding it", cur)
                 self._readd_same_key(cur, dataclasses.replace(cur, encap=n.encap,
-                                                                    stats=None))
+                                                              stats=None))
             else:
                 log.debug("MIGRATE did not move %s (no policy template covers it); "
                           "re-adding it", o)

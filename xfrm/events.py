@@ -28,8 +28,7 @@ from .constants import Dir, Group, Msg
 from .errors import NamespaceNotFound
 from .netlink import NETLINK_ADD_MEMBERSHIP, SOL_NETLINK, open_socket
 from .model import (SA, Encap, IPAddress, Policy, SAId, Selector, Template,
-                    _selector_from, family_of, policy_from_msg, sa_from_msg,
-                    template_from_dict, unpack_addr)
+                    _selector_from, policy_from_msg, sa_from_msg, unpack_addr)
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ these objects and the pyroute2 messages of :mod:`xfrm.messages`.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -651,6 +650,11 @@ def algorithms_from(msg) -> Algorithms:
     return Algorithms(aead, crypt, auth)
 
 
+def encap_attr(e: Encap) -> tuple:
+    return ("XFRMA_ENCAP", {"encap_type": e.type, "encap_sport": e.sport,
+                            "encap_dport": e.dport, "encap_oa": pack_addr(e.oa)})
+
+
 def _bitmap_words(window: int) -> int:
     return max(1, (window + 31) // 32)
 
@@ -695,10 +699,7 @@ def sa_to_msg(sa: SA, msg_class=m.xfrm_usersa_info):
         attrs.append(("XFRMA_LTIME_VAL", {"bytes": c.bytes, "packets": c.packets,
                                           "add_time": c.add_time, "use_time": c.use_time}))
     if sa.encap is not None:
-        e = sa.encap
-        attrs.append(("XFRMA_ENCAP", {"encap_type": e.type, "encap_sport": e.sport,
-                                      "encap_dport": e.dport,
-                                      "encap_oa": pack_addr(e.oa)}))
+        attrs.append(encap_attr(sa.encap))
     attrs += _mark_attr(sa.mark)
     if sa.if_id:
         attrs.append(("XFRMA_IF_ID", sa.if_id))
