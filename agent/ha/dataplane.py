@@ -51,6 +51,7 @@ class HaDataPlane:
         self.paths: dict[IPv4Address, _Path] = {}
         self.proxied: dict[IPv4Address, str] = {}
         self._home_if: dict[IPv4Address, str | None] = {}
+        self._macs: dict[str, str] = {}
         self.errors = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -135,7 +136,8 @@ class HaDataPlane:
                 if dev:
                     self.kernel.add_proxy_arp(hoa, dev)
                     self.proxied[hoa] = dev
-                    self.announce(hoa, dev, self.kernel.mac(dev))
+                    if self.garp_count > 0:
+                        self.announce(hoa, dev, self._mac(dev))
             elif want is None and had_proxy:
                 dev = self.proxied.pop(hoa)
                 self.kernel.del_proxy_arp(hoa, dev)
@@ -167,6 +169,12 @@ class HaDataPlane:
             return
         self.backend.unroute_to(p.tunnel, hoa)
         self.backend.release(p.tunnel)
+
+    def _mac(self, dev: str) -> str:
+        mac = self._macs.get(dev)
+        if mac is None:
+            mac = self._macs[dev] = self.kernel.mac(dev)
+        return mac
 
     def announce(self, hoa, dev: str, mac: str) -> None:
         """Gratuitous ARP: ``hoa`` is at ``mac`` on ``dev``."""

@@ -11,12 +11,36 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
+import subprocess
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 MAX_PACKET = 65535
+
+
+TUN_PATH = "/dev/net/tun"
+TUN_MAJOR, TUN_MINOR = 10, 200
+
+
+def ensure_tun_node() -> None:
+    """Make /dev/net/tun exist: load the module, or create the (misc 10:200) node.
+
+    Minimal systems (a VM's initramfs, containers) may lack the node although
+    the kernel has TUN.
+    """
+    if os.path.exists(TUN_PATH):
+        return
+    subprocess.run(["modprobe", "tun"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    if os.path.exists(TUN_PATH):
+        return
+    os.makedirs(os.path.dirname(TUN_PATH), exist_ok=True)
+    try:
+        os.mknod(TUN_PATH, stat.S_IFCHR | 0o666, os.makedev(TUN_MAJOR, TUN_MINOR))
+    except FileExistsError:
+        pass
 
 
 class TunDevice:
@@ -25,7 +49,8 @@ class TunDevice:
     def __init__(self, name: str):
         if not 0 < len(name) <= 15:
             raise ValueError(f"interface name {name!r} must be 1..15 characters")
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        ensure_tun_node()
+        fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             ifr = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
         except OSError:

@@ -85,19 +85,25 @@ def status(sock: str, cmd: str = "status") -> dict:
     return request(str(sock), cmd, timeout=10)
 
 
-def start_daemon(procs, role: str, config: Path, ns, sock: str, timeout: float = 60):
-    """Start ``mipmobike ROLE --config CONFIG`` in ``ns``; return once ``sock`` answers."""
+def start_daemon(procs, role: str, config: Path, ns, sock: str, timeout: float = 60, wait: bool = True):
+    """Start ``mipmobike ROLE --config CONFIG`` in ``ns``; return once ``sock`` answers
+    (``wait=False``: at once; then :func:`wait_ready`)."""
     p = procs.start(f"{role}-{ns.name}", [sys.executable, "-m", "agent.cli", role, "--config", str(config),
                                            "--log-level", "DEBUG"], ns=ns.name,
                     cwd=str(Path(__file__).resolve().parents[2]))
+    if wait:
+        wait_ready(p, sock, timeout)
+    return p
 
+
+def wait_ready(p, sock: str, timeout: float = 60):
     def ready():
         try:
             return status(sock)
         except (ControlError, OSError):
             return None
 
-    wait_until(ready, timeout, f"{role} control socket {sock}", interval=0.1, proc=p)
+    wait_until(ready, timeout, f"{p.name} control socket {sock}", interval=0.1, proc=p)
     return p
 
 
@@ -271,13 +277,14 @@ def own_rules(ns, proto: int = 180) -> str:
     return "\n".join(line for line in ns.ip("rule").stdout.splitlines() if f"proto {proto}" in line)
 
 
-def own_links(ns, alias: str = "mipmobike:") -> list[str]:
+def own_links(ns, alias: str = "mipmobike:", exclude=("mip-udp", "mip-bpf")) -> list[str]:
+    """Links tagged by the daemons, without the shared devices (``exclude=()`` to see all)."""
     out = ns.ip("-d", "link").stdout
     names, cur = [], None
     for line in out.splitlines():
         if line and line[0].isdigit():
             cur = line.split(":")[1].strip().split("@")[0]
-        elif "alias " + alias in line and cur:
+        elif "alias " + alias in line and cur and cur not in exclude:
             names.append(cur)
     return names
 
