@@ -843,6 +843,10 @@ class Testbed:
         if not keep_state and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
             done.append(f"removed {self.dir}")
+            try:
+                self.root.rmdir()   # only when no other testbed is left in it
+            except OSError:
+                pass
         elif keep_state and self.dir.exists():
             self.save()
         if left:
