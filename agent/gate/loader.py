@@ -128,13 +128,16 @@ def _prog_load(name: str, ptype: int, insns: bytes) -> int:
 
 
 def source_key() -> str:
-    """Cache key: the C source and the kernel release. (Not bcc's version: the
-    cached instructions are plain BPF, checked again by the verifier on every
-    load, so a cache written by one bcc serves a host without bcc.)"""
+    """Cache key: the C source and the kernel headers bcc compiles against (the
+    target of /lib/modules/$(uname -r)/build, else the kernel release). Not
+    bcc's version: the cached instructions are plain BPF, checked again by the
+    verifier on every load, so a cache written by one bcc serves a host without
+    bcc, and a host and a VM compiling against the same headers share it."""
     h = hashlib.sha256()
     for f in ("gate.c", "gate.h"):
         h.update(bpf_sources.read_bytes(f))
-    h.update(os.uname().release.encode())
+    build = f"/lib/modules/{os.uname().release}/build"
+    h.update((os.path.realpath(build) if os.path.exists(build) else os.uname().release).encode())
     return h.hexdigest()[:24]
 
 

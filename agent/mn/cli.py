@@ -9,6 +9,10 @@ from agent import log as logsetup
 from agent.config import ConfigError
 
 
+# compiled gate programs, reused across restarts (and by a VM sharing this root read-only)
+GATE_CACHE = "/var/cache/mipmobike/bpf"
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--config", "-c", required=True, help="mobile node configuration (TOML)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default from the file), WARNING")
@@ -21,7 +25,7 @@ def build(cfg):
     from agent.mn.datapath import Datapath
 
     backend = {"auto": "auto", "bpf": "bpf", "nftables": "netfilter", "iptables": "netfilter"}[cfg.gate_backend]
-    gate = Gate(cfg.gate_instance, backend=backend, bpffs=cfg.gate_bpffs)
+    gate = Gate(cfg.gate_instance, backend=backend, bpffs=cfg.gate_bpffs, cache_dir=GATE_CACHE)
     datapath = Datapath(cfg.home_address, cfg.home_agent, cfg.vpn.gateway if cfg.vpn else None, kind=cfg.datapath)
     vpn = None
     if cfg.vpn is not None:

@@ -81,6 +81,10 @@ STAGE1
 cat > "$work/stage2" <<'STAGE2'
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 cmdfile=$1; out=$2; err=$3; rcdev=$4
+# no udev here: load what the tests use up front (tun makes /dev/net/tun appear)
+modprobe -a tun veth bridge esp4 ipip xfrm_user xfrm4_tunnel xfrm_ipcomp sch_netem cls_bpf sch_ingress \
+  ip_set ip_set_hash_ip ip_set_hash_ipport xt_set xt_mark xt_TCPMSS iptable_mangle iptable_nat iptable_filter \
+  nf_conntrack nf_nat 2>/dev/null
 if [ -f "$cmdfile" ]; then /bin/bash "$cmdfile" < /dev/null > "$out" 2> "$err"; rc=$?
 else echo "vm-init: no command file $cmdfile" > "$err"; rc=127; fi
 echo "$rc" > "$rcdev"
