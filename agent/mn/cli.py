@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 from agent import log as logsetup
@@ -29,8 +30,12 @@ def build(cfg):
     datapath = Datapath(cfg.home_address, cfg.home_agent, cfg.vpn.gateway if cfg.vpn else None, kind=cfg.datapath)
     vpn = None
     if cfg.vpn is not None:
-        from agent.mn.vpn import Vpn
-        vpn = Vpn(cfg)
+        try:
+            from agent.mn.vpn import Vpn
+        except ImportError as e:        # untrusted links then stay closed (fail closed)
+            logging.getLogger("mipmobike.mn").error("no VPN client in this build (%s): untrusted links stay closed", e)
+        else:
+            vpn = Vpn(cfg)
     return MobileNodeAgent(cfg, gate=gate, datapath=datapath, vpn=vpn)
 
 
