@@ -108,6 +108,15 @@ class IkeConfig:
     retransmit_max_timeout: float = 16.0
     retransmit_tries: int = 5         # retransmissions before giving up
     keepalive_interval: float = 20.0  # NAT keepalives while a NAT is in front of us; 0: off
+    dpd_interval: float = 0.0         # liveness check after this long without a message from the gateway; 0: off
+    child_rekey_time: float = 0.0     # rekey each CHILD SA after this long; 0: only when the gateway does
+    ike_rekey_time: float = 0.0       # rekey the IKE SA after this long; 0: only when the gateway does
+    rekey_jitter: float = 0.1         # rekey times are shortened by up to this fraction, at random
+    rekey_retry: float = 10.0         # after a TEMPORARY_FAILURE, try the rekey again this much later
+    mobike_probe_after: int = 2       # UPDATE_SA_ADDRESSES retransmissions before probing other gateway addresses
+    probe_timeout: float = 0.5        # first timeout of a path probe (one retransmission)
+    additional_addresses: list = field(default_factory=list)  # ADDITIONAL_IP4/6_ADDRESS we announce (MOBIKE)
+    no_nats_allowed: bool = False     # refuse paths through a NAT (sends NO_NATS_ALLOWED, RFC 4555 3.9)
     max_cookie_rounds: int = 3
     max_ke_retries: int = 2
     close_on_child_failure: bool = True
@@ -135,6 +144,15 @@ class IkeConfig:
             raise IkeConfigError("no CA certificate to check the gateway against")
         if self.nonce_len < 32 or self.nonce_len > 256:
             raise IkeConfigError("nonce_len must be 32..256")
+        try:
+            self.additional_addresses = [ipaddress.ip_address(a) for a in self.additional_addresses]
+        except ValueError as e:
+            raise IkeConfigError(f"additional_addresses: {e}") from None
+        for name in ("dpd_interval", "child_rekey_time", "ike_rekey_time", "rekey_retry", "probe_timeout"):
+            if getattr(self, name) < 0:
+                raise IkeConfigError(f"{name} must not be negative")
+        if not 0 <= self.rekey_jitter < 1:
+            raise IkeConfigError("rekey_jitter must be in [0, 1)")
 
 
 def _ts(t) -> TrafficSelector:

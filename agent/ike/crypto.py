@@ -141,7 +141,19 @@ class IkeKeys:
 def derive_ike_keys(suite: IkeSuite, ni: bytes, nr: bytes, shared: bytes,
                     spi_i: bytes, spi_r: bytes) -> IkeKeys:
     """SKEYSEED = prf(Ni | Nr, g^ir); keys = prf+(SKEYSEED, Ni | Nr | SPIi | SPIr)."""
-    skeyseed = prf(suite.prf, ni + nr, shared)
+    return _split_ike_keys(suite, prf(suite.prf, ni + nr, shared), ni, nr, spi_i, spi_r)
+
+
+def derive_rekeyed_ike_keys(suite: IkeSuite, old_prf: PrfSpec, old_sk_d: bytes, ni: bytes, nr: bytes,
+                            shared: bytes, spi_i: bytes, spi_r: bytes) -> IkeKeys:
+    """Keys of an IKE SA made by rekeying (RFC 7296 2.18): SKEYSEED =
+    prf(SK_d (old), g^ir (new) | Ni | Nr) with the old SA's PRF, then prf+
+    of the new SA's PRF over Ni | Nr | SPIi | SPIr (the new SPIs)."""
+    return _split_ike_keys(suite, prf(old_prf, old_sk_d, shared + ni + nr), ni, nr, spi_i, spi_r)
+
+
+def _split_ike_keys(suite: IkeSuite, skeyseed: bytes, ni: bytes, nr: bytes, spi_i: bytes,
+                    spi_r: bytes) -> IkeKeys:
     p = suite.prf.out_len
     a = suite.integ.key_len if suite.integ else 0
     e = suite.encr.keymat_len

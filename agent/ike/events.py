@@ -66,6 +66,7 @@ class ChildSaEstablished(Event):
     nat_detected: bool
     local_addr: Address           # IKE/ESP-in-UDP endpoints
     remote_addr: Address
+    rekey_of: int | None = None   # the child_id this CHILD SA replaces (a rekey), else None
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class ChildSaDeleted(Event):
     child_id: int
     spi_in: int
     spi_out: int
-    by: str                       # 'local' | 'peer' | 'ike'
+    by: str                       # 'local' | 'peer' | 'ike' | 'rekey'
     reason: str = ""
 
 
@@ -103,3 +104,56 @@ class IkeFailed(Event):
 
     reason: str
     notify: int | None = None
+
+
+@dataclass(frozen=True)
+class MobikeStarted(Event):
+    """We sent (or are about to send) UPDATE_SA_ADDRESSES from a new local
+    address: from now on IKE (and so should ESP) leave from ``new_local``."""
+
+    old_local: Address
+    new_local: Address
+    remote: Address
+
+
+@dataclass(frozen=True)
+class AddressUpdated(Event):
+    """The gateway accepted our new addresses (RFC 4555): the CHILD SAs now
+    run between ``local_addr`` and ``remote_addr``, UDP-encapsulated when
+    ``encap`` (a NAT on the path). Same SPIs, no rekey."""
+
+    local_addr: Address
+    remote_addr: Address
+    nat_local: bool
+    nat_remote: bool
+    encap: bool
+    probed: bool = False          # the gateway address was found by path probing
+    started: float | None = None  # when the update began (MobikeStarted.time)
+
+
+@dataclass(frozen=True)
+class MobikeFailed(Event):
+    """An address update was refused or got no answer on any path; the IKE
+    SA is closed after this event (IkeSaDeleted follows)."""
+
+    reason: str
+    notify: int | None = None
+
+
+@dataclass(frozen=True)
+class IkeSaRekeyed(Event):
+    """The IKE SA was replaced by a new one (same peer, same CHILD SAs)."""
+
+    old_spi_i: bytes
+    old_spi_r: bytes
+    spi_i: bytes
+    spi_r: bytes
+    proposal: str
+    by: str                       # 'local' (we initiated) | 'peer'
+
+
+@dataclass(frozen=True)
+class LivenessChecked(Event):
+    """A liveness check (DPD) was answered."""
+
+    rtt: float

@@ -164,13 +164,17 @@ class IkeProposal:
 
 @dataclass(frozen=True)
 class EspProposal:
+    """An ESP proposal; ``dh`` (groups for PFS) goes on the wire only in
+    CREATE_CHILD_SA (IKE_AUTH's CHILD SA takes its keys from the IKE SA)."""
+
     encr: tuple[tuple[int, int], ...]
     integ: tuple[int, ...]
     esn: tuple[int, ...] = (EsnId.NO_ESN,)
+    dh: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> "EspProposal":
-        encr, integ, esn = [], [], []
+        encr, integ, esn, dh = [], [], [], []
         for tok in text.lower().split("-"):
             if tok in _ENCR_TOKENS:
                 encr.append(_ENCR_TOKENS[tok])
@@ -178,6 +182,8 @@ class EspProposal:
                 integ.append(_INTEG_TOKENS[tok])
             elif tok in _ESN_TOKENS:
                 esn.append(_ESN_TOKENS[tok])
+            elif tok in _DH_TOKENS:
+                dh.append(_DH_TOKENS[tok])
             else:
                 raise IkeProposalError(f"unknown or unsupported ESP algorithm {tok!r} in {text!r}")
         if not encr:
@@ -189,11 +195,20 @@ class EspProposal:
             raise IkeProposalError(f"AEAD ESP proposal {text!r} has an integrity algorithm")
         if not all(aead) and not integ:
             raise IkeProposalError(f"ESP proposal {text!r} needs an integrity algorithm")
-        return cls(tuple(_uniq(encr)), tuple(_uniq(integ)), tuple(_uniq(esn)) or (EsnId.NO_ESN,))
+        return cls(tuple(_uniq(encr)), tuple(_uniq(integ)), tuple(_uniq(esn)) or (EsnId.NO_ESN,),
+                   tuple(_uniq(dh)))
 
-    def to_wire(self, num: int, spi: bytes) -> Proposal:
+    def to_wire(self, num: int, spi: bytes, *, with_dh: bool = False,
+                dh_first: int | None = None) -> Proposal:
+        """Wire form; ``with_dh`` adds the PFS groups (``dh_first`` leading)."""
         ts = [_encr_transform(e) for e in self.encr]
         ts += [Transform(TransformType.INTEG, i) for i in self.integ]
+        if with_dh and self.dh:
+            groups = list(self.dh)
+            if dh_first in groups:
+                groups.remove(dh_first)
+                groups.insert(0, dh_first)
+            ts += [Transform(TransformType.DH, g) for g in groups]
         ts += [Transform(TransformType.ESN, e) for e in self.esn]
         return Proposal(num, ProtocolId.ESP, spi, ts)
 
@@ -221,6 +236,7 @@ class IkeSuite:
     prf: PrfSpec
     dh: int
     proposal_num: int = 0
+    spi: bytes = field(default=b"", compare=False)    # responder's new SPI (IKE SA rekey)
 
     @property
     def name(self) -> str:
@@ -237,6 +253,7 @@ class EspSuite:
     esn: bool
     spi: bytes = field(default=b"", compare=False)   # responder's SPI
     proposal_num: int = 0
+    dh: int = 0                                       # PFS group of a CREATE_CHILD_SA (0: none)
 
     @property
     def name(self) -> str:
@@ -284,9 +301,14 @@ def _check_sa(sa: SAPayload, offered: list[Proposal], protocol: int) -> tuple[Pr
     return got, offer
 
 
-def select_ike(sa: SAPayload, offered: list[Proposal]) -> IkeSuite:
+def select_ike(sa: SAPayload, offered: list[Proposal], *, rekey: bool = False) -> IkeSuite:
+    """The responder's choice for an IKE SA: in IKE_SA_INIT (no SPI) or,
+    with ``rekey``, in a CREATE_CHILD_SA rekeying the IKE SA (8-byte SPI)."""
     got, _ = _check_sa(sa, offered, ProtocolId.IKE)
-    if got.spi:
+    if rekey:
+        if len(got.spi) != 8:
+            raise IkeProposalError(f"responder's IKE SA rekey proposal carries a {len(got.spi)}-byte SPI")
+    elif got.spi:
         raise IkeProposalError("responder's IKE proposal carries an SPI in IKE_SA_INIT")
     ch = _one_of_each(got, {TransformType.ENCR, TransformType.PRF, TransformType.DH},
                       {TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH})
@@ -307,17 +329,23 @@ def select_ike(sa: SAPayload, offered: list[Proposal]) -> IkeSuite:
     dh = ch[TransformType.DH].id
     if prf is None or dh not in DH_NAMES:
         raise IkeProposalError("responder chose an unsupported PRF or DH group")
-    return IkeSuite(encr, integ, prf, dh, got.num)
+    return IkeSuite(encr, integ, prf, dh, got.num, got.spi if rekey else b"")
 
 
-def select_esp(sa: SAPayload, offered: list[Proposal]) -> EspSuite:
+def select_esp(sa: SAPayload, offered: list[Proposal], *, dh_group: int | None = None) -> EspSuite:
+    """The responder's ESP choice. ``dh_group``: the KE group we sent in a
+    CREATE_CHILD_SA (the choice must carry exactly it); None: no DH allowed
+    (IKE_AUTH, or a rekey without PFS)."""
     got, _ = _check_sa(sa, offered, ProtocolId.ESP)
     if len(got.spi) != 4:
         raise IkeProposalError(f"responder's ESP SPI has {len(got.spi)} bytes")
     ch = _one_of_each(got, {TransformType.ENCR},
                       {TransformType.ENCR, TransformType.INTEG, TransformType.ESN, TransformType.DH})
-    if TransformType.DH in ch and ch[TransformType.DH].id != 0:
-        raise IkeProposalError("responder chose a DH group for the CHILD SA of IKE_AUTH")
+    chosen_dh = ch[TransformType.DH].id if TransformType.DH in ch else 0
+    if dh_group is None and chosen_dh != 0:
+        raise IkeProposalError("responder chose a DH group although we sent no KE payload")
+    if dh_group is not None and chosen_dh != dh_group:
+        raise IkeProposalError(f"responder chose DH group {chosen_dh}, our KE payload is of group {dh_group}")
     e = ch[TransformType.ENCR]
     encr = ENCR.get((e.id, e.key_length))
     if encr is None:
@@ -333,7 +361,125 @@ def select_esp(sa: SAPayload, offered: list[Proposal]) -> EspSuite:
         integ = INTEG[it.id]
     esn_t = ch.get(TransformType.ESN)
     esn = bool(esn_t and esn_t.id == EsnId.ESN)
-    return EspSuite(encr, integ, esn, got.spi, got.num)
+    return EspSuite(encr, integ, esn, got.spi, got.num, chosen_dh)
+
+
+# --------------------------------------------------------------------------- as responder
+# (the gateway rekeys a CHILD SA or the IKE SA: we choose from its offer)
+
+class InvalidKeGroup(IkeProposalError):
+    """An offer is acceptable, but with another DH group than the KE payload's."""
+
+    def __init__(self, group: int):
+        super().__init__(f"acceptable with DH group {group} only")
+        self.group = group
+
+
+def _by_type(prop: Proposal) -> dict[int, list[Transform]]:
+    out: dict[int, list[Transform]] = {}
+    for t in prop.transforms:
+        out.setdefault(t.type, []).append(t)
+    return out
+
+
+def _pick_dh(offer: list[Transform], ours: tuple[int, ...], ke_group: int | None) -> int | None:
+    """The DH group to answer with (0: none); None: no match; raises
+    InvalidKeGroup when a group matches but the KE payload is of another."""
+    groups = [t.id for t in offer if t.id != 0]
+    if ke_group is None:
+        return 0 if (not groups or any(t.id == 0 for t in offer)) else None
+    usable = [g for g in groups if g in ours and g in DH_NAMES]
+    if ke_group in usable:
+        return ke_group
+    if usable:
+        raise InvalidKeGroup(usable[0])
+    return None
+
+
+def choose_esp(sa: SAPayload, ours: list[EspProposal], ke_group: int | None) -> tuple[Proposal, EspSuite]:
+    """Pick the first of the peer's ESP proposals our configuration accepts.
+    Returns the chosen proposal (SPI left empty for ours) and the suite (its
+    ``spi`` is the peer's). Raises IkeProposalError (NO_PROPOSAL_CHOSEN) or
+    InvalidKeGroup."""
+    wrong_ke = None
+    for prop in sa.proposals:
+        if prop.protocol != ProtocolId.ESP or len(prop.spi) != 4:
+            continue
+        tt = _by_type(prop)
+        for mine in ours:
+            encr_t = next((t for t in tt.get(TransformType.ENCR, [])
+                           if (t.id, t.key_length) in mine.encr and (t.id, t.key_length) in ENCR), None)
+            if encr_t is None:
+                continue
+            encr = ENCR[(encr_t.id, encr_t.key_length)]
+            integ_t = None
+            if encr.aead:
+                if any(t.id != IntegId.NONE for t in tt.get(TransformType.INTEG, [])) and \
+                        not any(t.id == IntegId.NONE for t in tt.get(TransformType.INTEG, [])):
+                    continue
+            else:
+                integ_t = next((t for t in tt.get(TransformType.INTEG, []) if t.id in mine.integ and t.id in INTEG),
+                               None)
+                if integ_t is None:
+                    continue
+            esn_offer = tt.get(TransformType.ESN, [Transform(TransformType.ESN, EsnId.NO_ESN)])
+            esn_t = next((t for t in esn_offer if t.id in mine.esn), None)
+            if esn_t is None:
+                continue
+            try:
+                dh = _pick_dh(tt.get(TransformType.DH, []), mine.dh or tuple(DH_NAMES), ke_group)
+            except InvalidKeGroup as e:
+                wrong_ke = wrong_ke or e
+                continue
+            if dh is None:
+                continue
+            chosen = [encr_t] + ([integ_t] if integ_t else [])
+            if dh:
+                chosen.append(Transform(TransformType.DH, dh))
+            if TransformType.ESN in tt:
+                chosen.append(esn_t)
+            return (Proposal(prop.num, ProtocolId.ESP, b"", chosen),
+                    EspSuite(encr, INTEG[integ_t.id] if integ_t else None, esn_t.id == EsnId.ESN, prop.spi,
+                             prop.num, dh))
+    if wrong_ke is not None:
+        raise wrong_ke
+    raise IkeProposalError("none of the peer's ESP proposals is acceptable")
+
+
+def choose_ike(sa: SAPayload, ours: list[IkeProposal], ke_group: int | None) -> tuple[Proposal, IkeSuite]:
+    """Pick from the peer's offer to rekey the IKE SA (its SPI is the new
+    SPIi). Raises IkeProposalError or InvalidKeGroup."""
+    wrong_ke = None
+    for prop in sa.proposals:
+        if prop.protocol != ProtocolId.IKE or len(prop.spi) != 8:
+            continue
+        tt = _by_type(prop)
+        for mine in ours:
+            encr_t = next((t for t in tt.get(TransformType.ENCR, [])
+                           if (t.id, t.key_length) in mine.encr and (t.id, t.key_length) in ENCR), None)
+            prf_t = next((t for t in tt.get(TransformType.PRF, []) if t.id in mine.prf and t.id in PRF), None)
+            if encr_t is None or prf_t is None:
+                continue
+            encr = ENCR[(encr_t.id, encr_t.key_length)]
+            integ_t = None
+            if not encr.aead:
+                integ_t = next((t for t in tt.get(TransformType.INTEG, []) if t.id in mine.integ and t.id in INTEG),
+                               None)
+                if integ_t is None:
+                    continue
+            groups = [t.id for t in tt.get(TransformType.DH, []) if t.id in mine.dh and t.id in DH_NAMES]
+            if not groups:
+                continue
+            if ke_group not in groups:
+                wrong_ke = wrong_ke or InvalidKeGroup(groups[0])
+                continue
+            chosen = [encr_t, prf_t] + ([integ_t] if integ_t else []) + [Transform(TransformType.DH, ke_group)]
+            return (Proposal(prop.num, ProtocolId.IKE, b"", chosen),
+                    IkeSuite(encr, INTEG[integ_t.id] if integ_t else None, PRF[prf_t.id], ke_group, prop.num,
+                             prop.spi))
+    if wrong_ke is not None:
+        raise wrong_ke
+    raise IkeProposalError("none of the peer's IKE proposals is acceptable")
 
 
 def groups_in(proposals: list[IkeProposal]) -> list[int]:

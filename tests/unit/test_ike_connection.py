@@ -616,11 +616,20 @@ def test_peer_request_with_unknown_critical_payload():
     assert n.conn.state is State.ESTABLISHED
 
 
-def test_peer_create_child_sa_refused_until_rekeying_exists():
+def test_peer_create_child_sa_without_rekey_refused():
+    """A new CHILD SA the gateway wants (no REKEY_SA): we only run the ones we asked for;
+    one without an SA payload is a syntax error."""
     n, _ = established()
     n.sent.clear()
     n.inject(n.gw.request(n.conn.path.local, [NoncePayload(b"n" * 32)], exchange=ExchangeType.CREATE_CHILD_SA))
     reply = n.gw.sk.open(decode_message(n.sent[0][0][4:]))
+    assert reply == [NotifyPayload(NotifyType.INVALID_SYNTAX)]
+    offer = Proposal(1, ProtocolId.ESP, b"\x01\x02\x03\x04", [Transform(1, 20, n.gw.my_esp.transforms[0].attributes)])
+    n.inject(n.gw.request(n.conn.path.local, [SAPayload([offer]), NoncePayload(b"n" * 32),
+                                              TSiPayload([TrafficSelector.from_network("10.10.0.0/24")]),
+                                              TSrPayload([TrafficSelector.from_network("10.10.100.7/32")])],
+                          exchange=ExchangeType.CREATE_CHILD_SA))
+    reply = n.gw.sk.open(decode_message(n.sent[1][0][4:]))
     assert reply == [NotifyPayload(NotifyType.NO_ADDITIONAL_SAS)]
 
 
@@ -695,8 +704,10 @@ def test_api_misuse():
     n, _ = established()
     with pytest.raises(RuntimeError):
         n.conn.connect(n.now)
-    with pytest.raises(NotImplementedError):
-        n.conn.update_addresses(("198.51.100.50", 4500), n.now)
+    with pytest.raises(ValueError):
+        n.conn.update_addresses(("0.0.0.0", 4500), n.now)
+    with pytest.raises(KeyError):
+        n.conn.rekey_child(12345, n.now)
     with pytest.raises(ValueError):
         IkeConnection(make_config(), ("0.0.0.0", 500), GW)
     line = n.conn.tshark_decryption_entry()
