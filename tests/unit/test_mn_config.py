@@ -81,3 +81,13 @@ def test_check_config_command(files, capsys):
     assert "valid mn configuration" in capsys.readouterr().out
     assert cli.main(["check-config", write(d, GOOD.format(key=key, psk=psk).replace("spi = 256", "spi = -1"))]) == 1
     assert "mn.spi" in capsys.readouterr().err
+
+
+def test_shipped_example_is_valid(files):
+    """examples/mn.toml loads once its key files exist (paths swapped for test ones)."""
+    import pathlib
+    d, key, psk = files
+    text = (pathlib.Path(__file__).parents[2] / "examples" / "mn.toml").read_text()
+    text = text.replace("/etc/mipmobike/mn.key", str(key)).replace("/etc/mipmobike/vpn.psk", str(psk))
+    cfg = config.load(write(d, text))
+    assert cfg.vpn is not None and cfg.use_fa and cfg.gate_backend == "auto"
