@@ -287,6 +287,19 @@ class IkeConnection:
         self._pending.clear()
         self._enqueue(self._start_delete_ike, now)
 
+    def abort(self, now: float, notify: bool = True) -> None:
+        """Forget the IKE SA at once: a Delete goes out unacknowledged (when
+        ``notify`` and the gateway may hold the SA), then everything closes
+        locally (ChildSaDeleted / IkeSaDeleted events, by='local')."""
+        if self.state is State.CLOSED:
+            return
+        if self.state in (State.IDLE, State.IKE_SA_INIT, State.IKE_AUTH):
+            self.delete(now)
+            return
+        if notify:
+            self._send_unacknowledged(ExchangeType.INFORMATIONAL, [DeletePayload(ProtocolId.IKE)])
+        self._close(now, "local", "aborted")
+
     def delete_child(self, child_id: int, now: float) -> None:
         """Delete one CHILD SA (by its ``child_id``, our inbound SPI)."""
         if self.state is not State.ESTABLISHED or child_id not in self.children:
