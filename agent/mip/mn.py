@@ -313,6 +313,11 @@ class MobileNode(EngineBase):
         self._binding = None
         self._renew_at = None
 
+    def link_changed(self) -> None:
+        """The node is on a new link: the solicitation rate limit starts afresh
+        (agents there have not heard from it)."""
+        self._last_solicit = None
+
     def solicit(self, now: float) -> bool:
         """Queue an Agent Solicitation (to 224.0.0.2, TTL 1), at most one per second."""
         if self._last_solicit is not None and now - self._last_solicit < 1.0:

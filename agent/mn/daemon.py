@@ -55,6 +55,7 @@ class Handover:
     t_lease: float | None = None
     t_verdict: float | None = None
     t_ready: float | None = None
+    t_vpn: float | None = None           # the VPN's address update (MOBIKE) or IKE set-up finished
     verdict: str | None = None           # "trusted" | "untrusted" | "home" | "failed"
     mode: str | None = None
     reason: str = ""
@@ -64,7 +65,7 @@ class Handover:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        for k in ("t_lease", "t_verdict", "t_ready"):
+        for k in ("t_lease", "t_verdict", "t_ready", "t_vpn"):
             d[k.replace("t_", "ms_")] = None if d[k] is None else round((d[k] - self.t_trigger) * 1000, 1)
         return d
 
@@ -100,6 +101,7 @@ class MobileNodeAgent:
         self.ifname: str | None = None
         self.lease = None
         self.fa: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None   # (agent, care-of address)
+        self.dhcp: Dhcp | None = None      # the current link's client (keeps renewing its lease)
         self.timeline: list[Handover] = []
         self.counters: dict[str, int] = {"handovers": 0, "forged_or_unmatched_replies": 0}
         self._task: asyncio.Task | None = None
@@ -158,11 +160,17 @@ class MobileNodeAgent:
         if ifname == self.ifname:
             self.trusted = None
             self.fa = None
+            asyncio.get_running_loop().create_task(self._drop_dhcp(send_release=False))
             if self.datapath is not None:
                 with contextlib.suppress(Exception):
                     self.datapath.leave(ifname)
             self.lease = None
         self.timeline.append(Handover("link-down", ifname, time.time(), verdict="none", reason="link lost"))
+
+    async def _drop_dhcp(self, send_release: bool) -> None:
+        dhcp, self.dhcp = self.dhcp, None
+        if dhcp is not None:
+            await dhcp.release(send=send_release)
 
     def _start_handover(self, ifname: str, trigger: str) -> None:
         if self._task is not None and not self._task.done():
@@ -200,10 +208,13 @@ class MobileNodeAgent:
             # a binding through the old link (its CoA, its FA) is stale; only the TIA's survives a move
             mip.cancel()
         mip.listen_adverts(ifname)
-        lease = await Dhcp(ifname, timeout=15).acquire()
+        await self._drop_dhcp(send_release=False)
+        self.dhcp = Dhcp(ifname, timeout=15)
+        lease = await self.dhcp.acquire()
         h.t_lease = time.time()
         h.coa = str(lease.ip)
         self.lease, self.ifname = lease, ifname
+        self.engine.link_changed()
         mip.solicit(ifname)
         self.datapath.access(ifname, lease)
 
@@ -215,6 +226,11 @@ class MobileNodeAgent:
         vpn_task = None
         if self.vpn is not None:
             vpn_task = asyncio.get_running_loop().create_task(self.vpn.update(ifname, lease.ip))
+
+            def vpn_done(t: asyncio.Task, h=h) -> None:
+                if not t.cancelled() and t.exception() is None:
+                    h.t_vpn = time.time()
+            vpn_task.add_done_callback(vpn_done)
         result = await self._registration(lambda: mip.register(lease.ip))
         h.t_verdict = time.time()
         if isinstance(result, Registered) and result.tnc:
@@ -230,7 +246,8 @@ class MobileNodeAgent:
             await self._untrusted(h, lease, vpn_task, previous_mode)
         if self.gate is not None and self.mode is not None:
             self.gate.open(ifname)
-        h.t_ready = time.time()
+        if h.t_ready is None:
+            h.t_ready = time.time()
 
     async def _at_home(self, h: Handover, lease) -> None:
         h.t_verdict = time.time()
@@ -286,8 +303,14 @@ class MobileNodeAgent:
         h.tia = str(tia)
         b = self.engine.binding
         if previous_mode == "mc" and b is not None and b.care_of_address == tia and b.foreign_agent is None:
+            # the MIP tunnel (TIA -> i-HA) never left: the data path was usable again as soon as
+            # MOBIKE moved the SAs, since ESP to the gateway passes the closed gate
             h.mobike_only = True
             h.reason += "; VPN moved by MOBIKE, TIA unchanged: no new registration"
+            self.datapath.mode_mc(tia)
+            self.mode = h.mode = "mc"
+            h.t_ready = h.t_vpn
+            return
         else:
             self.mip.set_path(tia, None, bypass=False)
             res = await self._registration(lambda: self.mip.register(tia))
@@ -384,6 +407,7 @@ class MobileNodeAgent:
         if self.vpn is not None:
             with contextlib.suppress(Exception):
                 await self.vpn.stop()
+        await self._drop_dhcp(send_release=True)
         if self.mip is not None:
             self.mip.close()
         if self.datapath is not None:
