@@ -244,10 +244,10 @@ class MobileNodeAgent:
                 type(result), f"unexpected {type(result).__name__}")
             self.trusted = False
             await self._untrusted(h, lease, vpn_task, previous_mode)
+        if h.t_ready is None:
+            h.t_ready = time.time()        # stamped before the gate opens: nothing of the new mode left earlier
         if self.gate is not None and self.mode is not None:
             self.gate.open(ifname)
-        if h.t_ready is None:
-            h.t_ready = time.time()
 
     async def _at_home(self, h: Handover, lease) -> None:
         h.t_verdict = time.time()
@@ -262,9 +262,9 @@ class MobileNodeAgent:
             await self.vpn.stop()
         self.mode = "home"
         h.mode = "home"
+        h.t_ready = time.time()
         if self.gate is not None:
             self.gate.open(h.ifname)
-        h.t_ready = time.time()
 
     async def _trusted(self, h: Handover, lease, vpn_task) -> None:
         mode = "c"
