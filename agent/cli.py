@@ -20,8 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "check-config": ("agent.check_config", "validate a configuration file"),
     "gate": ("agent.gate.cli", "inspect or open the trust-detection gate"),
     "testbed": ("agent.testbed.cli", "build the RFC 5266 Figure-1 testbed in namespaces"),
-    "demo": (None, "run the scripted roaming demo"),
-    "bench": (None, "run the kernel-path performance suite"),
+    "demo": ("agent.demo.cli", "run the scripted roaming demo"),
+    "bench": ("agent.bench.cli", "run the kernel-path performance suite"),
     "doctor": ("agent.doctor", "report what this host offers the agent"),
 }
 
