@@ -1,0 +1,539 @@
+"""Handover timing on the Figure-1 testbed: the agent, then strongSwan's own client, same run.
+
+One testbed serves every kernel-path part (``run_session``):
+
+1. the mobile node agent (``tb.start_agent("mn")``, the testbed's mn.toml:
+   product defaults) is moved round the cycle internal-1 -> internal-2 (f)
+   -> external-1 (mc) -> external-2 (mc behind the NAT, MOBIKE only) ->
+   external-1 (mc, MOBIKE only) -> internal-1 (c), ``rounds`` times per added
+   RTT. For each move the agent's own timeline gives trigger, lease,
+   verdict and data path ready; the UDP prober (home address -> correspondent)
+   gives the first packet delivered; the gateway's XFRM events give the
+   moment the gateway's SA points at the new address; ``ike.last_mobike``
+   the moment our MOBIKE update was answered. All are put relative to the
+   moment the move's link-up command returned (``t_link``).
+2. goodput with the agent in mode mc (``agent.bench.goodput``);
+3. strongSwan as the node's VPN client (``tb.vpn_client()``, PSK) makes the
+   untrusted -> untrusted moves external-1 <-> external-2 with a system DHCP
+   client (busybox udhcpc started at link-up); the prober sends from its
+   virtual IP;
+4. goodput through that plain ESP tunnel.
+
+Added RTT: netem on both ends of the access link, half the RTT each way
+(``tb.impair(delay_ms=rtt/2)``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from agent import control
+from agent.testbed import Testbed, TestbedError
+from agent.testbed.nsenter import netns
+
+from . import goodput as gp
+from . import procstat
+from .prober import Prober
+from .stats import summary
+
+CYCLE = ("internal-2", "external-1", "external-2", "external-1", "internal-1")
+START = "internal-1"
+SWAN_CYCLE = ("external-2", "external-1")
+HANDOVER_TIMEOUT = 90.0       # one move, under TCG with IKE and netem
+DELIVERY_TIMEOUT = 20.0       # first packet after the data path is ready
+
+
+def log_to(out):
+    def log(msg: str) -> None:
+        print(msg, file=out, flush=True)
+    return log
+
+
+# -- the gateway's view: XFRM events in its namespace --------------------------------------------
+class XfrmWatch:
+    """``ip xfrm monitor`` in a namespace, each line stamped with the wall clock when read."""
+
+    LINE = re.compile(r"src (\S+) dst (\S+)")
+
+    def __init__(self, ns: str) -> None:
+        with netns(ns):
+            self.p = subprocess.Popen(["ip", "xfrm", "monitor"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                      text=True, bufsize=1, start_new_session=True)
+        self.lines: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._t = threading.Thread(target=self._read, daemon=True, name="xfrm-watch")
+        self._t.start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            with self._lock:
+                self.lines.append((time.time(), line.rstrip()))
+
+    def first(self, after: float, gw: str, match) -> float | None:
+        """Wall time of the first event after ``after`` naming an SA or template between ``gw`` and an
+        address ``match(addr)`` accepts (deletions excluded)."""
+        with self._lock:
+            lines = [x for x in self.lines if x[0] >= after]
+        for t, line in lines:
+            if line.lstrip().startswith("Deleted"):
+                continue
+            for m in self.LINE.finditer(line):
+                a, b = m.group(1), m.group(2)
+                if (a == gw and match(b)) or (b == gw and match(a)):
+                    return t
+        return None
+
+    def wait(self, after: float, gw: str, match, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            t = self.first(after, gw, match)
+            if t is not None:
+                return t
+            time.sleep(0.05)
+        return self.first(after, gw, match)
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.p.pid, 15)
+        except ProcessLookupError:
+            pass
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.p.pid, 9)
+            self.p.wait()
+
+
+def _matcher(tb: Testbed, net: str, addr: str | None = None):
+    """Which outer address the gateway should see for the node on ``net`` (the NAT's, if any)."""
+    n = tb.nets[net]
+    if n.nat:
+        return lambda a: a == n.nat
+    if addr:
+        return lambda a: a == addr
+    prefix = ipaddress.IPv4Network(n.prefix)
+    return lambda a: _in(a, prefix)
+
+
+def _in(a: str, prefix) -> bool:
+    try:
+        return ipaddress.IPv4Address(a) in prefix
+    except ValueError:
+        return False
+
+
+def _ms(t: float | None, t0: float) -> float | None:
+    return None if t is None else round((t - t0) * 1000, 1)
+
+
+def ping_rtt(tb: Testbed, dst: str, count: int = 5) -> float | None:
+    """Average RTT (ms) from the node to ``dst``."""
+    p = tb.exec("mn", ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", "2", dst], timeout=60)
+    m = re.search(r"= [\d.]+/([\d.]+)/", p.stdout)
+    return float(m.group(1)) if m else None
+
+
+# -- the agent -------------------------------------------------------------------------------------
+class AgentRun:
+    def __init__(self, tb: Testbed, log, signalling_only: bool = False) -> None:
+        self.tb, self.log = tb, log
+        self.signalling_only = signalling_only
+        self.d = None
+        self.sock: str | None = None
+
+    def start(self) -> None:
+        tb = self.tb
+        if self.signalling_only:
+            # this kernel has no ipip: the agent decides and signals, without a data path
+            src = Path(tb.files["mn_config"])
+            text = src.read_text().replace("[mn]\n", '[mn]\ndatapath = "none"\n', 1)
+            dst = src.with_name("mn-bench.toml")
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            tb.files["mn_config"] = str(dst)
+        self.d = tb.start_agent("mn", wait=120)
+        self.sock = self.d.extra["control_socket"]
+
+    @property
+    def pid(self) -> int:
+        return self.d.pid
+
+    def status(self, timeout: float = 10) -> dict:
+        return control.request(self.sock, "status", timeout=timeout)
+
+    def stop(self) -> None:
+        if self.d is not None and self.d.alive():
+            self.tb.stop("mn-agent")
+
+    def wait_handover(self, t_link: float, timeout: float = HANDOVER_TIMEOUT) -> tuple[dict | None, dict]:
+        """The link-up handover triggered by the move at ``t_link``, once finished; (record, status)."""
+        deadline = time.monotonic() + timeout
+        st: dict = {}
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                st = self.status()
+            except control.ControlError:
+                if not self.d.alive():
+                    raise TestbedError(f"the agent died: {self.tb._tail(self.d.log, 1500)}")
+                continue
+            hs = [h for h in st.get("timeline", []) if h.get("trigger") == "link-up"
+                  and h.get("t_trigger", 0) >= t_link - 0.5]
+            if hs:
+                h = hs[-1]
+                if h.get("ms_ready") is not None or h.get("verdict") in ("failed", "superseded"):
+                    return h, st
+        return None, st
+
+
+def agent_move(tb: Testbed, agent: AgentRun, prober: Prober | None, xw: XfrmWatch | None, target: str,
+               prev: dict) -> dict:
+    """Move the node to ``target`` and time the agent's handover (ms after link-up)."""
+    ev = tb.move(target, record=False)
+    t_link = time.time()
+    rec: dict = {"from": ev["from"], "to": target, "mode_from": prev.get("mode"), "t_link": round(t_link, 3),
+                 "t_move_cmd": round(ev["t"], 3)}
+    h, st = agent.wait_handover(t_link)
+    if h is None:
+        rec.update(ok=False, reason=f"no finished handover within {HANDOVER_TIMEOUT:.0f} s",
+                   agent_timeline_tail=(st.get("timeline") or [])[-3:], agent_mode=st.get("mode"))
+        return rec
+    t_trig = h["t_trigger"]
+    rec.update({
+        "verdict": h.get("verdict"), "mode_to": h.get("mode"), "reason": h.get("reason"),
+        "mobike_only": h.get("mobike_only"), "coa": h.get("coa"), "tia": h.get("tia"),
+        "trigger": _ms(t_trig, t_link),
+        "lease": _ms(h.get("t_lease"), t_link), "verdict_ms": _ms(h.get("t_verdict"), t_link),
+        "ready": _ms(h.get("t_ready"), t_link),
+    })
+    rec["ok"] = h.get("mode") is not None and h.get("verdict") not in ("failed", "superseded")
+    ike = st.get("ike") or {}
+    lm = ike.get("last_mobike")
+    if lm and lm >= t_link:
+        rec["mobike_done"] = _ms(lm, t_link)
+        rec["mobike_rtt_ms"] = ike.get("last_mobike_ms")
+        if h.get("t_lease"):
+            rec["lease_to_mobike"] = _ms(lm, h["t_lease"])
+    if xw is not None and tb.nets[target].zone == "external" and rec["ok"]:
+        t_gw = xw.wait(t_link, tb.addr.gw_public, _matcher(tb, target, h.get("coa")), 10)
+        rec["gw_sa"] = _ms(t_gw, t_link)
+        if t_gw and h.get("t_lease"):
+            rec["lease_to_gw_sa"] = _ms(t_gw, h["t_lease"])
+    if prober is not None and rec["ok"]:
+        d = prober.wait_first_after(t_link, DELIVERY_TIMEOUT)
+        if d is not None:
+            rec["first_packet"] = _ms(d["t_delivered"], t_link)
+            rec["first_echo"] = _ms(d["t_echo"], t_link)
+            rec["outage"] = _ms(d["t_delivered"], d["t_last_before"]) if d["t_last_before"] else None
+            rec["lost"] = d["not_delivered_before"]
+        else:
+            rec["first_packet"] = None
+            rec["delivery_failed"] = f"nothing delivered within {DELIVERY_TIMEOUT:.0f} s of the data path"
+    return rec
+
+
+def transition_key(rec: dict) -> str:
+    return f"{rec['from']} -> {rec['to']}"
+
+
+FIELDS = ("trigger", "lease", "verdict_ms", "ready", "first_packet", "first_echo", "outage", "mobike_done", "lease_to_mobike",
+          "gw_sa", "lease_to_gw_sa")
+
+
+def summarize(moves: list[dict], fields=FIELDS) -> list[dict]:
+    """Per transition: modes seen, n, failures, median/p95 of each timing field."""
+    order: list[str] = []
+    groups: dict[str, list[dict]] = {}
+    for m in moves:
+        k = transition_key(m)
+        if k not in groups:
+            order.append(k)
+            groups[k] = []
+        groups[k].append(m)
+    out = []
+    for k in order:
+        g = groups[k]
+        ok = [m for m in g if m.get("ok")]
+        modes = sorted({f"{m.get('mode_from') or '-'}->{m.get('mode_to') or '-'}" for m in g})
+        row = {"transition": k, "modes": modes, "moves": len(g), "ok": len(ok),
+               "mobike_only": sum(1 for m in g if m.get("mobike_only")),
+               "failures": sorted({m.get("reason") or m.get("delivery_failed") or "?" for m in g
+                                   if not m.get("ok") or m.get("delivery_failed")})}
+        for f in fields:
+            vals = [m.get(f) for m in ok]
+            if any(v is not None for v in vals):
+                row[f] = summary(vals)
+        out.append(row)
+    return out
+
+
+# -- strongSwan's client ---------------------------------------------------------------------------
+UDHCPC_SCRIPT = """#!/bin/sh
+# udhcpc hook for the bench: the new lease, the default route, old addresses removed (not KEEP)
+case "$1" in
+  bound|renew)
+    ip addr add "$ip/$mask" dev "$interface" 2>/dev/null
+    set -- $router
+    ip route replace default via "$1" dev "$interface"
+    echo "$(date +%s.%N) $ip/$mask" >> "$LEASE_LOG"
+    for a in $(ip -4 -o addr show dev "$interface" scope global | awk '{print $4}'); do
+      case "$a" in
+        "$ip/"*) ;;
+        "$KEEP/"*) ;;
+        *) ip addr del "$a" dev "$interface" ;;
+      esac
+    done
+    ;;
+esac
+exit 0
+"""
+
+
+class SwanRun:
+    """strongSwan's charon as the node's VPN client, a system DHCP client, the same moves."""
+
+    def __init__(self, tb: Testbed, log) -> None:
+        self.tb, self.log = tb, log
+        self.client = None
+        self.vip: str | None = None
+        self.dir = tb.dir / "bench"
+        self.dir.mkdir(exist_ok=True)
+        self.script = self.dir / "udhcpc.sh"
+        self.script.write_text(UDHCPC_SCRIPT)
+        self.script.chmod(0o700)
+        self.lease_log = self.dir / "udhcpc.log"
+
+    def dhcp(self, timeout: float = 30) -> tuple[float | None, str | None]:
+        """Run udhcpc once on the node's interface: (wall time the address was set, "ADDR/LEN")."""
+        n0 = len(self._leases())
+        env = dict(os.environ, KEEP=self.vip or "none", LEASE_LOG=str(self.lease_log))
+        with netns(self.tb.ns("mn")):
+            p = subprocess.run(["busybox", "udhcpc", "-i", self.tb.mn_if, "-f", "-q", "-n", "-t", "10", "-T", "1",
+                                "-A", "1", "-s", str(self.script)], capture_output=True, text=True, env=env,
+                               timeout=timeout)
+        leases = self._leases()
+        if p.returncode or len(leases) <= n0:
+            return None, None
+        t, addr = leases[-1]
+        return t, addr
+
+    def _leases(self) -> list[tuple[float, str]]:
+        try:
+            return [(float(a), b) for a, b in (line.split() for line in self.lease_log.read_text().splitlines()
+                                              if line.strip())]
+        except FileNotFoundError:
+            return []
+
+    def start(self, at: str = "external-1") -> None:
+        tb = self.tb
+        tb.move(at, record=False)
+        t, addr = self.dhcp()
+        if addr is None:
+            raise TestbedError(f"udhcpc got no lease on {at}")
+        self.client = tb.vpn_client()
+        self.client.initiate("home-psk", "home-psk")
+        pool = ipaddress.IPv4Network(tb.addr.pool)
+        p = tb.exec("mn", ["ip", "-4", "-o", "addr", "show"], check=True)
+        for a in re.findall(r"inet (\S+)/", p.stdout):
+            if ipaddress.IPv4Address(a) in pool:
+                self.vip = a
+        if self.vip is None:
+            raise TestbedError(f"strongSwan's client got no virtual IP from {tb.addr.pool}: {p.stdout}")
+
+    def stop(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.terminate("home-psk")
+            except Exception:
+                pass
+            self.tb.stop("charon-mn")
+            self.client = None
+        # what the client leaves in the node's namespace: addresses and the default route from udhcpc
+        self.tb.exec("mn", ["ip", "-force", "-batch", "-"],
+                     input=f"addr flush dev {self.tb.mn_if} scope global\nroute flush dev {self.tb.mn_if}\n")
+
+
+def swan_move(tb: Testbed, swan: SwanRun, prober: Prober, xw: XfrmWatch | None, target: str) -> dict:
+    ev = tb.move(target, record=False)
+    t_link = time.time()
+    rec: dict = {"from": ev["from"], "to": target, "mode_from": "vpn", "mode_to": "vpn", "t_link": round(t_link, 3)}
+    t_addr, addr = swan.dhcp()
+    if addr is None:
+        rec.update(ok=False, reason="udhcpc got no lease")
+        return rec
+    rec.update(ok=True, coa=addr, lease=_ms(t_addr, t_link))
+    if xw is not None:
+        t_gw = xw.wait(t_link, tb.addr.gw_public, _matcher(tb, target, addr.split("/")[0]), DELIVERY_TIMEOUT)
+        rec["gw_sa"] = _ms(t_gw, t_link)
+        rec["lease_to_gw_sa"] = _ms(t_gw, t_addr) if t_gw else None
+    d = prober.wait_first_after(t_link, DELIVERY_TIMEOUT)
+    if d is None:
+        rec["first_packet"] = None
+        rec["delivery_failed"] = f"nothing delivered within {DELIVERY_TIMEOUT:.0f} s of the address"
+    else:
+        rec["first_packet"] = _ms(d["t_delivered"], t_link)
+        rec["first_echo"] = _ms(d["t_echo"], t_link)
+        rec["outage"] = _ms(d["t_delivered"], d["t_last_before"]) if d["t_last_before"] else None
+        rec["lost"] = d["not_delivered_before"]
+    return rec
+
+
+# -- the session -------------------------------------------------------------------------------------
+def run_session(opts, caps: dict, log) -> dict:
+    """Bring a testbed up and run the selected kernel-path parts on it; a dict for the report."""
+    res: dict = {"handover": None, "goodput": None, "agent_resources": None}
+    want_h = "handover" in opts.parts
+    want_g = "goodput" in opts.parts
+    rtts = list(opts.rtts)
+    skipped_rtts = []
+    if not caps.get("netem"):
+        skipped_rtts = [r for r in rtts if r]
+        rtts = [r for r in rtts if not r]
+    signalling_only = not caps.get("ipip")
+    tb = Testbed(opts.testbed_id, root=opts.state_root, ns_prefix=opts.ns_prefix, agents="require")
+    t0 = time.monotonic()
+    log(f"testbed {tb.id}: up ...")
+    tb.up(at="none")
+    log(f"testbed up in {time.monotonic() - t0:.1f} s (gateway ESP: {tb.ipsec})")
+    xw = prober = None
+    agent = AgentRun(tb, log, signalling_only)
+    swan = None
+    try:
+        xw = XfrmWatch(tb.ns(tb.layout.gw_node)) if tb.ipsec == "kernel" else None
+        hres = {"cycle": [START, *opts.cycle], "rounds": opts.rounds, "rtts": {}, "strongswan": {},
+                "gateway_esp": tb.ipsec, "signalling_only": signalling_only, "unmeasured": []}
+        if signalling_only:
+            hres["unmeasured"].append("first packet, outage: this kernel has no ipip, the agent ran "
+                                        "signalling only (datapath = none)")
+        for r in skipped_rtts:
+            hres["unmeasured"].append(f"added RTT {r} ms: no netem (sch_netem) in this kernel")
+        if xw is None:
+            hres["unmeasured"].append("gateway SA update time: the gateway runs kernel-libipsec (no kernel "
+                                        "ESP here), its SAs are not in XFRM")
+        # 1. the agent
+        t0 = time.monotonic()
+        agent.start()
+        log(f"agent up in {time.monotonic() - t0:.1f} s (pid {agent.pid})")
+        if not signalling_only:
+            prober = Prober(tb.ns("mn"), tb.addr.home_address, tb.ns("cn"), tb.addr.cn,
+                            interval=opts.probe_interval).start()
+        prev = agent_move(tb, agent, prober, xw, START, {})
+        log(f"  warm-up move to {START}: {prev.get('verdict')} mode {prev.get('mode_to')}, ready "
+            f"{prev.get('ready')} ms, first packet {prev.get('first_packet')} ms")
+        if not prev.get("ok"):
+            raise TestbedError(f"the agent did not settle on {START}: {prev.get('reason')}")
+        time.sleep(1.0)
+        res["agent_resources"] = {"idle": procstat.idle(agent.pid, opts.idle_seconds), "during": {},
+                                  "i_ha_idle": None}
+        ha = tb.daemons.get("i-ha")
+        if ha is not None:
+            res["agent_resources"]["i_ha_idle"] = procstat.idle(ha.pid, min(2.0, opts.idle_seconds))
+        prev = {"mode": prev.get("mode_to")}
+        if want_h:
+            for rtt in rtts:
+                tb.impair(delay_ms=rtt / 2) if rtt else tb.impair()
+                base = ping_rtt(tb, tb.addr.gw_public)     # the path MOBIKE takes (host route via the router)
+                moves = []
+                s0 = procstat.sample(agent.pid)
+                for rnd in range(opts.rounds):
+                    for target in opts.cycle:
+                        rec = agent_move(tb, agent, prober, xw, target, prev)
+                        rec["round"] = rnd
+                        moves.append(rec)
+                        prev = {"mode": rec.get("mode_to")}
+                        log(f"  rtt+{rtt} r{rnd} {rec['from']}->{target}: {rec.get('verdict')} "
+                            f"{rec.get('mode_from')}->{rec.get('mode_to')} ready {rec.get('ready')} ms, "
+                            f"first packet {rec.get('first_packet')} ms"
+                            + ("" if rec.get("ok") else f" ({rec.get('reason')})"))
+                        time.sleep(opts.settle)
+                s1 = procstat.sample(agent.pid)
+                use = procstat.usage(s0, s1)
+                if use:
+                    use["moves"] = len(moves)
+                    use["cpu_ms_per_handover"] = round(1000 * use["cpu_s"] / max(1, len(moves)), 1)
+                res["agent_resources"]["during"][str(rtt)] = use
+                hres["rtts"][str(rtt)] = {"rtt_to_gateway_ms": base, "moves": moves, "summary": summarize(moves)}
+            tb.impair()
+        goodput_rounds = []
+        if want_g:
+            if signalling_only or not caps.get("esp"):
+                res["goodput"] = {"not_measured": "this kernel has no " + ("ipip" if signalling_only else "ESP")}
+            else:
+                g = gp.agent_round(tb, agent, lambda n: agent_move(tb, agent, prober, xw, n, prev), opts, log)
+                goodput_rounds.append(g)
+        if prober is not None:
+            prober.close()
+            prober = None
+        agent.stop()
+
+        # 2. strongSwan's client
+        if want_h and not opts.no_strongswan:
+            swan = SwanRun(tb, log)
+            t0 = time.monotonic()
+            swan.start("external-1")
+            log(f"strongSwan client up in {time.monotonic() - t0:.1f} s (virtual IP {swan.vip})")
+            prober = Prober(tb.ns("mn"), swan.vip, tb.ns("cn"), tb.addr.cn, interval=opts.probe_interval).start()
+            for rtt in rtts:
+                tb.impair(delay_ms=rtt / 2) if rtt else tb.impair()
+                moves = []
+                for rnd in range(opts.rounds):
+                    for target in SWAN_CYCLE:
+                        rec = swan_move(tb, swan, prober, xw, target)
+                        rec["round"] = rnd
+                        moves.append(rec)
+                        log(f"  strongSwan rtt+{rtt} r{rnd} {rec['from']}->{target}: address {rec.get('lease')} ms, "
+                            f"gateway SA {rec.get('gw_sa')} ms, first packet {rec.get('first_packet')} ms")
+                        time.sleep(opts.settle)
+                hres["strongswan"][str(rtt)] = {"moves": moves,
+                                                "summary": summarize(moves, ("lease", "gw_sa", "lease_to_gw_sa",
+                                                                             "first_packet", "first_echo", "outage"))}
+            tb.impair()
+            prober.close()
+            prober = None
+        elif want_h:
+            hres["unmeasured"].append("strongSwan's client: skipped (--no-strongswan)")
+        if want_g and goodput_rounds:
+            if swan is None:
+                swan = SwanRun(tb, log)
+                swan.start("external-1")
+            elif tb.attached != "external-1":
+                tb.move("external-1", record=False)
+                swan.dhcp()
+                time.sleep(1)
+            goodput_rounds.append(gp.swan_round(tb, swan, opts, log))
+            for extra in range(1, opts.goodput_rounds):     # more rounds alternate agent and strongSwan
+                swan.stop()
+                agent.start()
+                goodput_rounds.append(gp.agent_round(tb, agent, lambda n: agent_move(tb, agent, None, xw, n, {}),
+                                                     opts, log, fresh=True))
+                agent.stop()
+                swan = SwanRun(tb, log)
+                swan.start("external-1")
+                goodput_rounds.append(gp.swan_round(tb, swan, opts, log))
+            res["goodput"] = gp.summarize(goodput_rounds)
+        if swan is not None:
+            swan.stop()
+        if want_h:
+            res["handover"] = hres
+        return res
+    finally:
+        if prober is not None:
+            prober.close()
+        if xw is not None:
+            xw.close()
+        try:
+            keep = getattr(opts, "keep_logs", None)
+            if keep:
+                shutil.copytree(tb.dir / "logs", Path(keep) / "testbed-logs", dirs_exist_ok=True)
+        except Exception:
+            pass
+        tb.down()
+        log(f"testbed {tb.id}: down")

@@ -1,0 +1,388 @@
+"""The bench report: merge host and VM results, judge the goals, write Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .stats import ratio
+
+MOBIKE_MOVES = ("external-1 -> external-2", "external-2 -> external-1")
+
+
+def merge(results: list[dict]) -> dict:
+    """One {"parts": ...} from the host's and the VM's results; the i-HA rows of both are joined."""
+    parts: dict = {}
+    machines = []
+    for r in results:
+        if r.get("machine"):
+            machines.append({**r["machine"], "caps": r.get("caps")})
+        for name, part in r.get("parts", {}).items():
+            if name == "ha" and name in parts and "rows" in parts[name] and "rows" in (part or {}):
+                for row in part["rows"]:
+                    row["ran_on"] = part.get("ran_on")
+                parts[name]["rows"] += part["rows"]
+                parts[name].setdefault("errors", []).extend(part.get("errors", []))
+                continue
+            if name == "ha" and part and "rows" in part:
+                for row in part["rows"]:
+                    row["ran_on"] = part.get("ran_on")
+            parts[name] = part
+    return {"parts": parts, "machines": machines}
+
+
+def _med(row: dict | None, field: str):
+    if not row or field not in row:
+        return None
+    return row[field].get("median")
+
+
+def _p95(row: dict | None, field: str):
+    if not row or field not in row:
+        return None
+    return row[field].get("p95")
+
+
+def _row(summary: list[dict], transition: str) -> dict | None:
+    return next((r for r in summary if r["transition"] == transition), None)
+
+
+def _nm(reason: str) -> dict:
+    return {"status": "not measured", "detail": reason}
+
+
+def goals(res: dict) -> list[dict]:
+    parts = res["parts"]
+    out = []
+    h = parts.get("handover") or {}
+
+    # 1. handover time <= half of strongSwan's on the same untrusted -> untrusted moves
+    g = {"goal": "Handover at most half of strongSwan's time (untrusted -> untrusted moves external-1 <-> "
+                 "external-2, link up -> first packet delivered, median)", "target": "<= 0.50"}
+    if "not_measured" in h or not h.get("rtts"):
+        g.update(_nm(h.get("not_measured") or "the handover part did not run"))
+    elif not h.get("strongswan"):
+        g.update(_nm("; ".join(x for x in h.get("unmeasured", []) if "strongSwan" in x)
+                     or "strongSwan's client did not run"))
+    else:
+        per, missing = {}, []
+        for rtt, a in h["rtts"].items():
+            s = h["strongswan"].get(rtt)
+            if not s:
+                continue
+            for tr in MOBIKE_MOVES:
+                am, sm = _med(_row(a["summary"], tr), "first_packet"), _med(_row(s["summary"], tr), "first_packet")
+                r = ratio(am, sm)
+                if r is None:
+                    missing.append(f"+{rtt} ms {tr}: agent {am} / strongSwan {sm}")
+                else:
+                    per[f"+{rtt} ms {tr}"] = {"agent_ms": am, "strongswan_ms": sm, "ratio": round(r, 2)}
+        if per:
+            worst = max(v["ratio"] for v in per.values())
+            g.update(status="met" if worst <= 0.5 else "not met", value=worst, per=per,
+                     detail=f"worst ratio {worst:.2f}" + (f"; missing: {'; '.join(missing)}" if missing else ""))
+        else:
+            g.update(_nm("no first packet measured on both sides: " + "; ".join(missing)))
+    out.append(g)
+
+    # 2. MOBIKE-only moves within 1 RTT + 20 ms of the address becoming usable
+    g = {"goal": "MOBIKE-only moves: MOBIKE update answered within 1 RTT + 20 ms of the new address being usable "
+                 "(lease -> update answered, median)", "target": "<= RTT + 20 ms"}
+    if "not_measured" in h or not h.get("rtts"):
+        g.update(_nm(h.get("not_measured") or "the handover part did not run"))
+    else:
+        per, missing = {}, []
+        for rtt, a in h["rtts"].items():
+            rtt_ms = a.get("rtt_to_gateway_ms")
+            moves = [m for m in a["moves"] if m.get("mobike_only") and m.get("lease_to_mobike") is not None]
+            if not moves:
+                missing.append(f"+{rtt} ms: no MOBIKE-only move completed")
+                continue
+            vals = sorted(m["lease_to_mobike"] for m in moves)
+            med = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
+            bound = (rtt_ms if rtt_ms is not None else float(rtt)) + 20
+            ready = [m["ready"] - m["lease"] for m in moves if m.get("ready") is not None and m.get("lease") is not None]
+            per[f"+{rtt} ms"] = {"median_ms": round(med, 1), "max_ms": vals[-1], "n": len(vals),
+                                 "rtt_ms": rtt_ms, "bound_ms": round(bound, 1), "ok": med <= bound,
+                                 "lease_to_ready_median_ms": round(sorted(ready)[len(ready) // 2], 1) if ready else None}
+        if per:
+            ok = all(v["ok"] for v in per.values())
+            g.update(status="met" if ok else "not met", per=per,
+                     detail="; ".join(f"{k}: {v['median_ms']} ms vs {v['bound_ms']} ms" for k, v in per.items())
+                     + (f"; {'; '.join(missing)}" if missing else ""))
+        else:
+            g.update(_nm("; ".join(missing)))
+    out.append(g)
+
+    # 3. goodput
+    gp = parts.get("goodput") or {}
+    g = {"goal": "Goodput through the Mobile IP tunnel inside ESP at least 95 % of plain strongSwan ESP "
+                 "(iperf3 TCP, median)", "target": ">= 0.95"}
+    if gp.get("ratio") is not None:
+        g.update(status="met" if gp["ratio"] >= 0.95 else "not met", value=round(gp["ratio"], 3),
+                 detail=f"{gp['agent_mbit_s']} / {gp['strongswan_mbit_s']} Mbit/s")
+    else:
+        g.update(_nm(gp.get("not_measured") or "the goodput part did not run"))
+    out.append(g)
+    g = {"goal": "No IP fragmentation on the access link during the goodput runs (capture)", "target": "0"}
+    measured = [r for r in gp.get("rounds", []) if "mbit_s" in r]
+    if measured:
+        g.update(status="met" if gp["fragments"] == 0 else "not met", value=gp["fragments"],
+                 detail=f"{gp['fragments']} fragments / ICMP frag-needed in {len(measured)} captured runs")
+    else:
+        g.update(_nm(gp.get("not_measured") or "the goodput part did not run"))
+    out.append(g)
+
+    # 4. gate
+    gt = parts.get("gate") or {}
+    g = {"goal": "BPF gate open costs at most 3 % of packets per second (veth, against no program)",
+         "target": ">= 0.97"}
+    if gt.get("worst_ratio") is not None:
+        g.update(status="met" if gt["worst_ratio"] >= 0.97 else "not met", value=gt["worst_ratio"],
+                 detail=f"egress (TC) {gt['ratio_egress']:.3f}, ingress (XDP) {gt['ratio_ingress_xdp']:.3f}")
+    else:
+        g.update(_nm(gt.get("not_measured") or "the gate part did not run"))
+    out.append(g)
+    return out
+
+
+# -- Markdown -----------------------------------------------------------------------------------------
+def _f(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        v = f"{v:,.1f}" if abs(v) < 100 else f"{v:,.0f}"
+    return f"{v}{unit}"
+
+
+def _mp(row: dict, field: str) -> str:
+    s = row.get(field)
+    if not s or s.get("median") is None:
+        return "-"
+    return f"{_f(s['median'])} / {_f(s['p95'])}"
+
+
+def _machine_line(m: dict | None) -> str:
+    if not m:
+        return "-"
+    s = f"Linux {m['kernel']}, {m['cpu']}, {m['cpus']} CPU"
+    if m.get("vm"):
+        s += f" — VM under QEMU **TCG** (emulated CPU, {m.get('vm_cpus')} vCPU, {m.get('mem_mb')} MB)"
+    else:
+        s += f", {m.get('mem_mb')} MB, load {m.get('loadavg')}"
+    return s
+
+
+def markdown(res: dict) -> str:
+    meta = res.get("meta", {})
+    parts = res["parts"]
+    L: list[str] = []
+    A = L.append
+    A(f"# mipmobike bench — {meta.get('started', '')}")
+    A("")
+    A(f"`{meta.get('command', 'mipmobike bench')}`{' (quick mode)' if meta.get('quick') else ''}, "
+      f"{_f(meta.get('duration_s'))} s.")
+    A("")
+    A(f"- host: {_machine_line(meta.get('host'))}")
+    if meta.get("vm"):
+        A(f"- VM: {_machine_line(meta.get('vm'))}")
+    A("")
+    A("Ratios measured side by side in one run are the headline; absolute figures depend on the machine "
+      "(a loaded 2-core host; under TCG every instruction is emulated, so absolute times there are many "
+      "times what real hardware shows).")
+    A("")
+    A("## Goals")
+    A("")
+    A("| goal | target | result | status |")
+    A("|---|---|---|---|")
+    for g in res.get("goals", []):
+        A(f"| {g['goal']} | {g['target']} | {g.get('detail', '')} | **{g['status']}** |")
+    A("")
+
+    h = parts.get("handover")
+    A("## Handover")
+    A("")
+    if not h or "not_measured" in h:
+        A(f"Not measured: {(h or {}).get('not_measured', 'the part did not run')}.")
+    else:
+        A(f"Ran on: {h.get('ran_on')}. Gateway ESP: {h.get('gateway_esp')}. Cycle from {h['cycle'][0]}: "
+          f"{' → '.join(h['cycle'][1:])}, {h['rounds']} rounds per added RTT. Times in ms after the move's "
+          "link-up, **median / p95** over the moves that completed. *lease*: DHCP address; *verdict*: trust "
+          "decision; *ready*: data path installed and gate open; *first pkt*: first prober packet sent after "
+          "link-up that reached the correspondent (home address → CN, UDP every "
+          f"{_f(res.get('meta', {}).get('options', {}).get('probe_interval', 0.01) * 1000)} ms); *first echo*: "
+          "the same, echoed back to the node (both directions work); *outage*: "
+          "gap the correspondent saw; *MOBIKE*: our UPDATE_SA_ADDRESSES answered; *gw SA*: the gateway's "
+          "XFRM state points at the new address.")
+        A("")
+        for rtt, a in h["rtts"].items():
+            A(f"### Agent, added RTT {rtt} ms (measured RTT to the gateway {_f(a.get('rtt_to_gateway_ms'))} ms)")
+            A("")
+            A("| transition | modes | ok/n | lease | verdict | ready | first pkt | first echo | outage | MOBIKE | gw SA |")
+            A("|---|---|---|---|---|---|---|---|---|---|---|")
+            for r in a["summary"]:
+                A(f"| {r['transition']} | {', '.join(r['modes'])}{' (MOBIKE only)' if r.get('mobike_only') else ''} "
+                  f"| {r['ok']}/{r['moves']} | {_mp(r, 'lease')} | {_mp(r, 'verdict_ms')} | {_mp(r, 'ready')} "
+                  f"| {_mp(r, 'first_packet')} | {_mp(r, 'first_echo')} | {_mp(r, 'outage')} | {_mp(r, 'mobike_done')} "
+                  f"| {_mp(r, 'gw_sa')} |")
+            fails = [f"{r['transition']}: {'; '.join(r['failures'])}" for r in a["summary"] if r.get("failures")]
+            if fails:
+                A("")
+                A("Failures: " + " — ".join(fails))
+            A("")
+        if h.get("strongswan"):
+            for rtt, s in h["strongswan"].items():
+                A(f"### strongSwan's client, added RTT {rtt} ms")
+                A("")
+                A(f"Same testbed, {h.get('gateway_esp')} ESP; a system DHCP client (busybox udhcpc) started at link-up; the "
+                  "prober sends from the client's virtual IP. *address*: lease configured; *gw SA*: the "
+                  "gateway's SA moved (MOBIKE); *addr → gw SA*: from the address to that.")
+                A("")
+                A("| transition | ok/n | address | gw SA | addr → gw SA | first pkt | first echo | outage |")
+                A("|---|---|---|---|---|---|---|---|")
+                for r in s["summary"]:
+                    A(f"| {r['transition']} | {r['ok']}/{r['moves']} | {_mp(r, 'lease')} | {_mp(r, 'gw_sa')} "
+                      f"| {_mp(r, 'lease_to_gw_sa')} | {_mp(r, 'first_packet')} | {_mp(r, 'first_echo')} "
+                      f"| {_mp(r, 'outage')} |")
+                A("")
+        for x in h.get("unmeasured", []):
+            A(f"- not measured: {x}")
+        A("")
+
+    ar = parts.get("agent_resources")
+    A("## Agent CPU and memory")
+    A("")
+    if not ar or "not_measured" in ar:
+        A(f"Not measured: {(ar or {}).get('not_measured', 'the part did not run')}.")
+    else:
+        A("The mobile node agent's process (/proc/PID/stat utime+stime, status VmRSS/VmHWM); CPU in percent "
+          f"of one CPU. Ran on: {ar.get('ran_on')}.")
+        A("")
+        A("| phase | seconds | CPU % | CPU ms per handover | RSS MB | peak RSS MB |")
+        A("|---|---|---|---|---|---|")
+        i = ar.get("idle") or {}
+        A(f"| idle (mode c) | {_f(i.get('seconds'))} | {_f(i.get('cpu_pct'))} | - | {_f(i.get('rss_mb'))} "
+          f"| {_f(i.get('peak_rss_mb'))} |")
+        for rtt, d in (ar.get("during") or {}).items():
+            if d:
+                A(f"| handovers, +{rtt} ms ({d.get('moves')} moves) | {_f(d.get('seconds'))} | {_f(d.get('cpu_pct'))} "
+                  f"| {_f(d.get('cpu_ms_per_handover'))} | {_f(d.get('rss_mb'))} | {_f(d.get('peak_rss_mb'))} |")
+        ih = ar.get("i_ha_idle")
+        if ih:
+            A(f"| i-HA idle (for comparison) | {_f(ih.get('seconds'))} | {_f(ih.get('cpu_pct'))} | - "
+              f"| {_f(ih.get('rss_mb'))} | {_f(ih.get('peak_rss_mb'))} |")
+    A("")
+
+    gp = parts.get("goodput")
+    A("## Goodput")
+    A("")
+    if not gp or (gp.get("not_measured") and not gp.get("rounds")):
+        A(f"Not measured: {(gp or {}).get('not_measured', 'the part did not run')}.")
+    else:
+        A(f"iperf3 TCP to the correspondent from external-1, one run per row, alternating. Ran on: {gp.get('ran_on')}. "
+          "Fragments: IP fragments or ICMP fragmentation-needed seen by tcpdump on the access link during the run.")
+        A("")
+        A("| path | Mbit/s | retransmits | fragments | note |")
+        A("|---|---|---|---|---|")
+        for r in gp.get("rounds", []):
+            note = r.get("not_measured") or r.get("error") or (f"MSS {r['mss']}" if r.get("mss") else "")
+            A(f"| {r.get('path', r.get('who'))} | {_f(r.get('mbit_s'))} | {_f(r.get('retransmits'))} "
+              f"| {_f(r.get('fragments_or_frag_needed'))} | {note} |")
+        A("")
+        A(f"Median agent / strongSwan: {_f(gp.get('agent_mbit_s'))} / {_f(gp.get('strongswan_mbit_s'))} Mbit/s, "
+          f"ratio {_f(round(gp['ratio'], 3) if gp.get('ratio') is not None else None)}.")
+        if gp.get("not_measured"):
+            A(f"Not measured: {gp['not_measured']}.")
+    A("")
+
+    gt = parts.get("gate")
+    A("## BPF gate cost")
+    A("")
+    if not gt or gt.get("worst_ratio") is None:
+        A(f"Not measured: {(gt or {}).get('not_measured', 'the part did not run')}.")
+    else:
+        A(f"`scripts/bench_gate.py` ({gt.get('rounds')} rounds × {gt.get('seconds')} s, UDP {gt.get('payload')}-byte "
+          f"payload, configurations alternating within the run). Ran on: {gt.get('ran_on')}.")
+        A("")
+        A("| direction | no program kpps | gate open (XDP ingress) kpps | gate open (TC ingress) kpps | ratio XDP / TC |")
+        A("|---|---|---|---|---|")
+        for d, r in gt["rows"].items():
+            A(f"| {d} | {r['none_kpps']} | {r['open_xdp_kpps']} | {r['open_tc_kpps']} | {r['ratio_xdp']} / {r['ratio_tc']} |")
+        if gt.get("prog_ns"):
+            A("")
+            A("Per-packet program cost (BPF_PROG_TEST_RUN): " + "; ".join(
+                f"{x['hook']} {x['state']} {x['packet']} → {x['verdict']} {x['ns']} ns" for x in gt["prog_ns"]))
+        if gt.get("closed_sender_ratio") is not None:
+            A("")
+            A(f"Closed gate, one Python sender: closed/none = {gt['closed_sender_ratio']}; dropped and counted "
+              f"{gt.get('closed_dropped')} of {gt.get('closed_sent')}.")
+    A("")
+
+    ha = parts.get("ha")
+    A("## i-HA registrations and memory per binding")
+    A("")
+    if not ha or not ha.get("rows"):
+        A(f"Not measured: {(ha or {}).get('not_measured', 'the part did not run')}.")
+    else:
+        A("`scripts/bench_ha.py` `run_one` (HMAC-MD5 signed requests, a fresh process per row). *python*: "
+          "resident-set growth per binding; *map*: BPF maps; *kernel*: slab growth (system-wide, noisy). "
+          f"ipip: at most {ha.get('ipip_max_tunnels')} tunnels, more bindings share them.")
+        A("")
+        A("| backend | bindings | ran on | new reg/s | renew reg/s | python B/binding | map B/binding | kernel B/binding |")
+        A("|---|---|---|---|---|---|---|---|")
+        for r in ha["rows"]:
+            A(f"| {r['backend']} | {r['n']:,} | {r.get('ran_on', '-')} | {r['new']:,.0f} | {r['renew']:,.0f} "
+              f"| {_f(r.get('py_bytes'))} | {_f(r.get('map_bytes'))} | {_f(r.get('kernel_bytes'))} |")
+        for e in ha.get("errors", []):
+            A(f"- failed: {e}")
+    A("")
+    A("## Where it ran")
+    A("")
+    for m in res.get("machines", []):
+        caps = m.get("caps") or {}
+        A(f"- {m.get('where')}: {_machine_line(m)}; ESP {caps.get('esp')}, ipip {caps.get('ipip')}, "
+          f"netem {caps.get('netem')}")
+    A("")
+    A("Raw numbers (every move, every run): the JSON report next to this file.")
+    return "\n".join(L) + "\n"
+
+
+def summary_text(res: dict) -> str:
+    lines = ["goals:"]
+    for g in res.get("goals", []):
+        lines.append(f"  [{g['status']:>12}] {g['goal']}: {g.get('detail', '')}")
+    h = res["parts"].get("handover")
+    if h and h.get("rtts"):
+        lines.append("handover (ms after link-up, median/p95):")
+        for rtt, a in h["rtts"].items():
+            for r in a["summary"]:
+                lines.append(f"  +{rtt:>2} ms agent  {r['transition']:<26} {','.join(r['modes']):<10} "
+                             f"{r['ok']}/{r['moves']}  ready {_mp(r, 'ready'):<16} first pkt {_mp(r, 'first_packet')}")
+            for r in (h.get("strongswan", {}).get(rtt) or {}).get("summary", []):
+                lines.append(f"  +{rtt:>2} ms swan   {r['transition']:<26} {'vpn':<10} "
+                             f"{r['ok']}/{r['moves']}  gw SA {_mp(r, 'gw_sa'):<16} first pkt {_mp(r, 'first_packet')}")
+    return "\n".join(lines)
+
+
+def write(res: dict, out_dir: str, publish: str | None) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    md, js = markdown(res), json.dumps(res, indent=1, default=str) + "\n"
+    paths = []
+    for name, text in ((f"bench-{stamp}.md", md), (f"bench-{stamp}.json", js), ("bench-latest.md", md),
+                       ("bench-latest.json", js)):
+        p = out / name
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, p)
+        paths.append(p)
+    if publish:
+        pub = Path(publish)
+        pub.mkdir(parents=True, exist_ok=True)
+        (pub / "latest.md").write_text(md)
+        (pub / "latest.json").write_text(js)
+        paths += [pub / "latest.md", pub / "latest.json"]
+    return paths
