@@ -1,0 +1,127 @@
+"""The VPN client with kernel ESP on both ends (the VM): our CHILD SAs go in
+through xfrm/ (XfrmInstaller), the gateway is strongSwan with kernel ESP.
+
+One lab, one test, lean for TCG: connect on the gateway's link (plain ESP)
+and ping the inside host from the TIA; a 10/s ping keeps going across a
+MOBIKE move to a routed path with at most one packet lost, and the SA pair
+keeps its SPIs on both ends (ours and the gateway's ``ip xfrm state``);
+then a move into a NAT switches to ESP-in-UDP and the ping still gets
+through; stop leaves no XFRM state, policy or TIA behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+
+from agent.ike.installer import XfrmInstaller
+from agent.kernel import Kernel
+from tests.netns.test_vpn_mobike import roam, until, vpn_for, wait_gw, gw_remote  # noqa: F401  (fixture)
+
+INSIDE = "10.10.0.10"
+
+
+def xfrm_spis(ns) -> set[str]:
+    out = ns.ip("xfrm", "state").stdout
+    return set(re.findall(r"spi (0x[0-9a-f]+)", out))
+
+
+def diag(lab) -> str:
+    out = []
+    for n in (lab.client, lab.gw_ns):
+        for what in (("xfrm", "state"), ("xfrm", "policy"), ("route",), ("-s", "xfrm", "state")):
+            out.append(f"--- {n.name}: ip {' '.join(what)}\n" + n.ip(*what, check=False).stdout)
+    out.append("--- gw sas\n" + lab.gw.list_sas())
+    out.append("--- gw log\n" + lab.gw.log_text()[-4000:])
+    return "\n".join(out)
+
+
+def ping_from(lab, tia, count: int, interval: float = 0.1) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", lab.client.name, "ping", "-n", "-c", str(count), "-i",
+                             str(interval), "-W", "1", "-I", str(tia), INSIDE],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def received(out: str) -> tuple[int, int]:
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_vpn_kernel_esp_ping_move_same_spis_nat(roam, tmp_path):
+    lab = roam
+    subprocess.run(["modprobe", "-a", "esp4", "xfrm_user", "xfrm4_tunnel", "xfrm_migrate", "xt_policy"],
+                   capture_output=True)
+    # the fixture drops what reaches the inside from the outside link: let decrypted traffic through
+    lab.gw_ns.run("iptables", "-I", "FORWARD", "-m", "policy", "--dir", "in", "--pol", "ipsec", "-j", "ACCEPT")
+    lab.client.route("default", "via", lab.gw_addr)
+    # a gateway has a default route (kernel ESP needs a route to the TIA to forward into the tunnel; the
+    # lab's charon, limited to its outside interface, cannot install its source route via the router)
+    lab.gw_ns.route("default", "via", "198.18.0.2")
+    k = Kernel("test", netns=lab.client.name)
+    ins = XfrmInstaller(lab.client.name, state_file=str(tmp_path / "vpn-tia"))
+
+    async def main():
+        vpn = vpn_for(lab, tmp_path, ins)
+        try:
+            tia = await vpn.update(lab.client_if, lab.client_addr)
+            assert any(a == tia for _, _, a in k.addresses("lo")), "the TIA is on lo"
+            sas = await wait_gw(lab, lambda s: "INSTALLED" in s)
+            assert "INSTALLED, TUNNEL," in sas, sas                    # kernel ESP, no NAT: not in UDP
+            ours = xfrm_spis(lab.client)
+            assert len(ours) == 2 and "encap" not in lab.client.ip("xfrm", "state").stdout
+            p = await asyncio.to_thread(lambda: ping_from(lab, tia, 3, 0.2).communicate(timeout=30)[0])
+            assert received(p)[1] == 3, p
+
+            # 10 pings a second across a MOBIKE move to the routed path
+            gw_before = xfrm_spis(lab.gw_ns)
+            assert ours <= gw_before, (ours, gw_before)
+            ping = ping_from(lab, tia, 40)
+            await asyncio.sleep(1.5)
+            new_if, new_cidr, router = lab.paths["routed"]
+            addr = new_cidr.split("/")[0]
+            t0 = time.monotonic()
+            k.del_address(lab.client_if, lab.client_addr, 24)
+            k.add_address(new_if, addr, 24)
+            k.add_route("0.0.0.0/0", gateway=router, dev=new_if)
+            lab.at = "routed"
+            await vpn.update(new_if, addr)
+            t_update = time.monotonic() - t0
+            out = (await asyncio.to_thread(ping.communicate, timeout=60))[0]
+            sent, got = received(out)
+            print(f"move: {sent - got} of {sent} pings lost, vpn.update() returned {t_update * 1000:.0f} ms "
+                  "after the old address was removed")
+            assert sent - got <= 1, (f"{sent - got} pings lost across the move (update took {t_update:.3f} s):\n{out}"
+                                     + diag(lab))
+            sas = await wait_gw(lab, lambda s: gw_remote(s) == f"{addr}[4500]")
+            # same SPIs on both ends, updated in place
+            assert xfrm_spis(lab.client) == ours
+            gw_states = lab.gw_ns.ip("xfrm", "state").stdout
+            assert xfrm_spis(lab.gw_ns) == gw_before and f"dst {addr}" in gw_states and f"src {addr}" in gw_states
+            assert vpn.counters["child_rekeys"] == 0 and vpn.counters["mobike_updates"] == 1
+
+            # into the NAT: ESP-in-UDP, still through
+            new_if, new_cidr, router = lab.paths["nat"]
+            addr = new_cidr.split("/")[0]
+            k.del_address(lab.paths["routed"][0], "198.51.100.50", 24)
+            k.add_address(new_if, addr, 24)
+            k.add_route("0.0.0.0/0", gateway=router, dev=new_if)
+            lab.at = "nat"
+            await vpn.update(new_if, addr)
+            sas = await wait_gw(lab, lambda s: (gw_remote(s) or "").startswith("100.64.0.2["))
+            assert "TUNNEL-in-UDP" in sas, sas
+            assert "encap type espinudp sport 4500 dport 4500" in lab.client.ip("xfrm", "state").stdout
+            p = await asyncio.to_thread(lambda: ping_from(lab, tia, 3, 0.2).communicate(timeout=30)[0])
+            assert received(p)[1] >= 2, p
+        finally:
+            await vpn.stop()
+        assert not lab.client.ip("xfrm", "state").stdout.strip()
+        assert not lab.client.ip("xfrm", "policy").stdout.strip()
+        assert not any(a == tia for _, _, a in k.addresses("lo"))
+
+    try:
+        asyncio.run(main())
+    finally:
+        k.close()
