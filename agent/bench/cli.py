@@ -30,7 +30,6 @@ from . import env, report
 PARTS = ("handover", "goodput", "gate", "ha")
 KERNEL_PARTS = ("handover", "goodput")          # + the i-HA's ipip backend
 TOP = Path(__file__).resolve().parents[2]
-GATE_CACHE = "/var/cache/mipmobike/bpf"
 
 
 def _csv(kind):
@@ -52,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtts", type=_csv(int), default=[0, 20, 50], help="added round-trip times, ms (default 0,20,50)")
     p.add_argument("--cycle", type=_csv(str), help="the nets the agent moves through from internal-1 "
                                                     "(default internal-2,external-1,external-2,external-1,internal-1)")
+    p.add_argument("--detection", type=_csv(float), default=[1.0, 2, 4.0], metavar="INIT,RETRIES,MAX",
+                   help="the agent's detection timeouts: first RRQ timeout s, retransmissions, max timeout s "
+                        "(default 1.0,2,4.0: the product defaults)")
     p.add_argument("--no-strongswan", action="store_true", help="skip strongSwan's client in the handover part")
     p.add_argument("--goodput-seconds", type=float, help="per iperf3 run (default 10, quick 5)")
     p.add_argument("--goodput-rounds", type=int, help="agent/strongSwan pairs, alternating (default 2, quick 1)")
@@ -85,6 +87,9 @@ def _defaults(a) -> None:
     a.idle_seconds = a.idle_seconds or (3.0 if q else 10.0)
     from .handover import CYCLE
     a.cycle = a.cycle or list(CYCLE)
+    if len(a.detection) != 3:
+        raise SystemExit("mipmobike bench: --detection wants INIT,RETRIES,MAX (e.g. 1.0,2,4.0)")
+    a.detection = [float(a.detection[0]), int(a.detection[1]), float(a.detection[2])]
     if a.testbed_id is None:
         import secrets
         a.testbed_id = "bench" + secrets.token_hex(2)
@@ -100,6 +105,7 @@ def _forward_args(a, parts: list[str], ha_backends: list[str] | None, keep_logs:
     """The options for the same run inside the VM."""
     argv = ["--inner", "--where", "host", "--parts", ",".join(parts), "--rounds", str(a.rounds),
             "--rtts", ",".join(map(str, a.rtts)), "--cycle", ",".join(a.cycle),
+            "--detection", ",".join(map(str, a.detection)),
             "--goodput-seconds", str(a.goodput_seconds), "--goodput-rounds", str(a.goodput_rounds),
             "--gate-seconds", str(a.gate_seconds), "--gate-rounds", str(a.gate_rounds),
             "--ha-sizes", ",".join(map(str, a.ha_sizes)), "--ipip-max-tunnels", str(a.ipip_max_tunnels),
@@ -154,12 +160,10 @@ def run_here(a, parts: list[str], ha_backends: list[str] | None, log) -> dict:
 
 
 def warm_gate_cache(log) -> None:
-    """Compile the gate once on the host so the VM's agent loads it from the cache (else ~60 s in TCG)."""
+    """Compile the gate on the host so the VM's agent loads it from the cache (else ~60 s under TCG)."""
     try:
-        from agent.gate import loader
-        t0 = time.monotonic()
-        loader.compiled(GATE_CACHE)
-        log(f"gate compile cache warm ({time.monotonic() - t0:.1f} s)")
+        from agent.demo.roam import warm_gate_cache as warm
+        log(warm())
     except Exception as e:
         log(f"gate compile cache: {e} (the VM will compile)")
 

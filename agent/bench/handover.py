@@ -2,20 +2,22 @@
 
 One testbed serves every kernel-path part (``run_session``):
 
-1. the mobile node agent (``tb.start_agent("mn")``, the testbed's mn.toml:
-   product defaults) is moved round the cycle internal-1 -> internal-2 (f)
-   -> external-1 (mc) -> external-2 (mc behind the NAT, MOBIKE only) ->
-   external-1 (mc, MOBIKE only) -> internal-1 (c), ``rounds`` times per added
-   RTT. For each move the agent's own timeline gives trigger, lease,
-   verdict and data path ready; the UDP prober (home address -> correspondent)
-   gives the first packet delivered; the gateway's XFRM events give the
-   moment the gateway's SA points at the new address; ``ike.last_mobike``
-   the moment our MOBIKE update was answered. All are put relative to the
-   moment the move's link-up command returned (``t_link``).
+1. the mobile node agent (the testbed's mn.toml with the detection timeouts
+   given, product defaults unless changed) is moved round the cycle
+   internal-1 -> internal-2 (f) -> external-1 (mc) -> external-2 (mc behind
+   the NAT, MOBIKE only) -> external-1 (mc, MOBIKE only) -> internal-1 (c),
+   ``rounds`` times per added RTT, by the demo's ``Roamer`` (link down,
+   attach, wait for the agent's handover). For each move the agent's own
+   timeline gives trigger, lease, verdict and data path ready; the demo's
+   ``Flow`` (UDP echo and a TCP stream, home address <-> correspondent) gives
+   the first echo of a probe sent after the attach and the first TCP data
+   the correspondent got after it; the gateway's XFRM events give the moment
+   the gateway's SA points at the new address; ``ike.last_mobike`` the
+   moment our MOBIKE update was answered. All in ms after the attach.
 2. goodput with the agent in mode mc (``agent.bench.goodput``);
 3. strongSwan as the node's VPN client (``tb.vpn_client()``, PSK) makes the
    untrusted -> untrusted moves external-1 <-> external-2 with a system DHCP
-   client (busybox udhcpc started at link-up); the prober sends from its
+   client (busybox udhcpc started at the attach); the flow runs from its
    virtual IP;
 4. goodput through that plain ESP tunnel.
 
@@ -25,6 +27,7 @@ Added RTT: netem on both ends of the access link, half the RTT each way
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import os
 import re
@@ -34,13 +37,13 @@ import threading
 import time
 from pathlib import Path
 
-from agent import control
+from agent.demo.flow import Flow, FlowError
+from agent.demo.roam import FINISHED, Roamer
 from agent.testbed import Testbed, TestbedError
 from agent.testbed.nsenter import netns
 
 from . import goodput as gp
 from . import procstat
-from .prober import Prober
 from .stats import summary
 
 CYCLE = ("internal-2", "external-1", "external-2", "external-1", "internal-1")
@@ -140,81 +143,79 @@ def ping_rtt(tb: Testbed, dst: str, count: int = 5) -> float | None:
     return float(m.group(1)) if m else None
 
 
+# -- traffic: the demo's Flow (UDP echo + TCP stream), read per move ------------------------------
+def first_echo(flow: Flow, after: float) -> float | None:
+    """Wall time the first probe sent at or after ``after`` came back (both directions work)."""
+    with flow.lock:
+        lo = bisect.bisect_left(flow.sent, after)
+        n = len(flow.sent)
+        got = [flow.answered[s] for s in range(lo, n) if s in flow.answered]
+    return min(got) if got else None
+
+
+def recovery(flow: Flow, t_attach: float, t_detach: float, timeout: float) -> dict:
+    """After a move: first echo, first TCP data at the correspondent, outage and lost probes (ms)."""
+    deadline = time.monotonic() + timeout
+    echo = tcp = None
+    while time.monotonic() < deadline:
+        echo = first_echo(flow, t_attach)
+        r = flow.recovered(t_attach)
+        tcp = r[1] if r else None
+        if echo is not None and (tcp is not None or flow.tcp_error is not None):
+            break
+        time.sleep(0.05)
+    out = {"first_echo": _ms(echo, t_attach), "tcp_recovered": _ms(tcp, t_attach)}
+    if echo is None:
+        out["delivery_failed"] = f"no echo within {timeout:.0f} s"
+    w = flow.window(t_detach, max(x for x in (echo, tcp, time.time()) if x is not None) if echo else time.time())
+    out["outage"] = None if w.outage is None else round(w.outage * 1000, 1)
+    out["lost"] = w.lost
+    if flow.tcp_error:
+        out["tcp_error"] = flow.tcp_error
+    return out
+
+
+def start_flow(tb: Testbed, src: str, opts) -> Flow:
+    f = Flow(tb.ns("mn"), tb.ns("cn"), src, tb.addr.cn, rate=1.0 / opts.probe_interval)
+    f.start_server()
+    try:
+        f.start_client()
+    except FlowError:
+        f.stop()
+        raise
+    return f
+
+
 # -- the agent -------------------------------------------------------------------------------------
-class AgentRun:
-    def __init__(self, tb: Testbed, log, signalling_only: bool = False) -> None:
-        self.tb, self.log = tb, log
-        self.signalling_only = signalling_only
-        self.d = None
-        self.sock: str | None = None
-
-    def start(self) -> None:
-        tb = self.tb
-        if self.signalling_only:
-            # this kernel has no ipip: the agent decides and signals, without a data path
-            src = Path(tb.files["mn_config"])
-            text = src.read_text().replace("[mn]\n", '[mn]\ndatapath = "none"\n', 1)
-            dst = src.with_name("mn-bench.toml")
-            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            tb.files["mn_config"] = str(dst)
-        self.d = tb.start_agent("mn", wait=120)
-        self.sock = self.d.extra["control_socket"]
-
-    @property
-    def pid(self) -> int:
-        return self.d.pid
-
-    def status(self, timeout: float = 10) -> dict:
-        return control.request(self.sock, "status", timeout=timeout)
-
-    def stop(self) -> None:
-        if self.d is not None and self.d.alive():
-            self.tb.stop("mn-agent")
-
-    def wait_handover(self, t_link: float, timeout: float = HANDOVER_TIMEOUT) -> tuple[dict | None, dict]:
-        """The link-up handover triggered by the move at ``t_link``, once finished; (record, status)."""
-        deadline = time.monotonic() + timeout
-        st: dict = {}
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            try:
-                st = self.status()
-            except control.ControlError:
-                if not self.d.alive():
-                    raise TestbedError(f"the agent died: {self.tb._tail(self.d.log, 1500)}")
-                continue
-            hs = [h for h in st.get("timeline", []) if h.get("trigger") == "link-up"
-                  and h.get("t_trigger", 0) >= t_link - 0.5]
-            if hs:
-                h = hs[-1]
-                if h.get("ms_ready") is not None or h.get("verdict") in ("failed", "superseded"):
-                    return h, st
-        return None, st
+def start_agent(roamer: Roamer, opts, signalling_only: bool) -> None:
+    init, retr, mx = opts.detection
+    mn = {"datapath": "none"} if signalling_only else None   # no ipip here: decide and signal only
+    roamer.start_agent(wait=120, initial_timeout=init, retransmissions=retr, max_timeout=mx, mn=mn)
 
 
-def agent_move(tb: Testbed, agent: AgentRun, prober: Prober | None, xw: XfrmWatch | None, target: str,
+def agent_move(tb: Testbed, roamer: Roamer, flow: Flow | None, xw: XfrmWatch | None, target: str,
                prev: dict) -> dict:
-    """Move the node to ``target`` and time the agent's handover (ms after link-up)."""
-    ev = tb.move(target, record=False)
-    t_link = time.time()
-    rec: dict = {"from": ev["from"], "to": target, "mode_from": prev.get("mode"), "t_link": round(t_link, 3),
-                 "t_move_cmd": round(ev["t"], 3)}
-    h, st = agent.wait_handover(t_link)
-    if h is None:
+    """Move the node to ``target`` (link down, attach) and time the agent's handover (ms after the attach)."""
+    step = roamer.move(target, gap=0.0, timeout=HANDOVER_TIMEOUT)
+    t_link = step.t_attach
+    h = step.handover
+    rec: dict = {"from": step.src, "to": target, "mode_from": prev.get("mode"), "t_link": round(t_link, 3)}
+    if h is None or (h.get("t_ready") is None and h.get("verdict") not in FINISHED):
         rec.update(ok=False, reason=f"no finished handover within {HANDOVER_TIMEOUT:.0f} s",
-                   agent_timeline_tail=(st.get("timeline") or [])[-3:], agent_mode=st.get("mode"))
+                   agent_last=h)
         return rec
-    t_trig = h["t_trigger"]
     rec.update({
         "verdict": h.get("verdict"), "mode_to": h.get("mode"), "reason": h.get("reason"),
         "mobike_only": h.get("mobike_only"), "coa": h.get("coa"), "tia": h.get("tia"),
-        "trigger": _ms(t_trig, t_link),
+        "trigger": _ms(h.get("t_trigger"), t_link),
         "lease": _ms(h.get("t_lease"), t_link), "verdict_ms": _ms(h.get("t_verdict"), t_link),
         "ready": _ms(h.get("t_ready"), t_link),
     })
-    rec["ok"] = h.get("mode") is not None and h.get("verdict") not in ("failed", "superseded")
+    rec["ok"] = h.get("mode") is not None and h.get("verdict") not in FINISHED
+    try:
+        st = roamer.status()
+    except Exception:
+        st = {}
     ike = st.get("ike") or {}
     lm = ike.get("last_mobike")
     if lm and lm >= t_link:
@@ -227,16 +228,8 @@ def agent_move(tb: Testbed, agent: AgentRun, prober: Prober | None, xw: XfrmWatc
         rec["gw_sa"] = _ms(t_gw, t_link)
         if t_gw and h.get("t_lease"):
             rec["lease_to_gw_sa"] = _ms(t_gw, h["t_lease"])
-    if prober is not None and rec["ok"]:
-        d = prober.wait_first_after(t_link, DELIVERY_TIMEOUT)
-        if d is not None:
-            rec["first_packet"] = _ms(d["t_delivered"], t_link)
-            rec["first_echo"] = _ms(d["t_echo"], t_link)
-            rec["outage"] = _ms(d["t_delivered"], d["t_last_before"]) if d["t_last_before"] else None
-            rec["lost"] = d["not_delivered_before"]
-        else:
-            rec["first_packet"] = None
-            rec["delivery_failed"] = f"nothing delivered within {DELIVERY_TIMEOUT:.0f} s of the data path"
+    if flow is not None and rec["ok"]:
+        rec.update(recovery(flow, t_link, step.t_detach, DELIVERY_TIMEOUT))
     return rec
 
 
@@ -244,8 +237,8 @@ def transition_key(rec: dict) -> str:
     return f"{rec['from']} -> {rec['to']}"
 
 
-FIELDS = ("trigger", "lease", "verdict_ms", "ready", "first_packet", "first_echo", "outage", "mobike_done", "lease_to_mobike",
-          "gw_sa", "lease_to_gw_sa")
+FIELDS = ("trigger", "lease", "verdict_ms", "ready", "first_echo", "tcp_recovered", "outage", "mobike_done",
+          "lease_to_mobike", "gw_sa", "lease_to_gw_sa")
 
 
 def summarize(moves: list[dict], fields=FIELDS) -> list[dict]:
@@ -361,10 +354,14 @@ class SwanRun:
                      input=f"addr flush dev {self.tb.mn_if} scope global\nroute flush dev {self.tb.mn_if}\n")
 
 
-def swan_move(tb: Testbed, swan: SwanRun, prober: Prober, xw: XfrmWatch | None, target: str) -> dict:
-    ev = tb.move(target, record=False)
+def swan_move(tb: Testbed, swan: SwanRun, flow: Flow, xw: XfrmWatch | None, target: str) -> dict:
+    """The same kind of move for strongSwan's client: link down, attach, udhcpc; times after the attach."""
+    src = tb.attached
+    tb.move("none", record=False)
+    t_detach = time.time()
     t_link = time.time()
-    rec: dict = {"from": ev["from"], "to": target, "mode_from": "vpn", "mode_to": "vpn", "t_link": round(t_link, 3)}
+    tb.move(target, record=False)
+    rec: dict = {"from": src, "to": target, "mode_from": "vpn", "mode_to": "vpn", "t_link": round(t_link, 3)}
     t_addr, addr = swan.dhcp()
     if addr is None:
         rec.update(ok=False, reason="udhcpc got no lease")
@@ -374,15 +371,7 @@ def swan_move(tb: Testbed, swan: SwanRun, prober: Prober, xw: XfrmWatch | None, 
         t_gw = xw.wait(t_link, tb.addr.gw_public, _matcher(tb, target, addr.split("/")[0]), DELIVERY_TIMEOUT)
         rec["gw_sa"] = _ms(t_gw, t_link)
         rec["lease_to_gw_sa"] = _ms(t_gw, t_addr) if t_gw else None
-    d = prober.wait_first_after(t_link, DELIVERY_TIMEOUT)
-    if d is None:
-        rec["first_packet"] = None
-        rec["delivery_failed"] = f"nothing delivered within {DELIVERY_TIMEOUT:.0f} s of the address"
-    else:
-        rec["first_packet"] = _ms(d["t_delivered"], t_link)
-        rec["first_echo"] = _ms(d["t_echo"], t_link)
-        rec["outage"] = _ms(d["t_delivered"], d["t_last_before"]) if d["t_last_before"] else None
-        rec["lost"] = d["not_delivered_before"]
+    rec.update(recovery(flow, t_link, t_detach, DELIVERY_TIMEOUT))
     return rec
 
 
@@ -403,36 +392,37 @@ def run_session(opts, caps: dict, log) -> dict:
     log(f"testbed {tb.id}: up ...")
     tb.up(at="none")
     log(f"testbed up in {time.monotonic() - t0:.1f} s (gateway ESP: {tb.ipsec})")
-    xw = prober = None
-    agent = AgentRun(tb, log, signalling_only)
-    swan = None
+    xw = flow = swan = None
+    roamer = Roamer(tb)
     try:
         xw = XfrmWatch(tb.ns(tb.layout.gw_node)) if tb.ipsec == "kernel" else None
+        init, retr, mx = opts.detection
         hres = {"cycle": [START, *opts.cycle], "rounds": opts.rounds, "rtts": {}, "strongswan": {},
-                "gateway_esp": tb.ipsec, "signalling_only": signalling_only, "unmeasured": []}
+                "gateway_esp": tb.ipsec, "signalling_only": signalling_only, "unmeasured": [],
+                "detection": {"initial_timeout": init, "retransmissions": retr, "max_timeout": mx},
+                "probe_rate_hz": round(1.0 / opts.probe_interval, 1)}
         if signalling_only:
-            hres["unmeasured"].append("first packet, outage: this kernel has no ipip, the agent ran "
-                                        "signalling only (datapath = none)")
+            hres["unmeasured"].append("first echo, TCP recovery, outage: this kernel has no ipip, the agent ran "
+                                      "signalling only (datapath = none)")
         for r in skipped_rtts:
             hres["unmeasured"].append(f"added RTT {r} ms: no netem (sch_netem) in this kernel")
         if xw is None:
             hres["unmeasured"].append("gateway SA update time: the gateway runs kernel-libipsec (no kernel "
-                                        "ESP here), its SAs are not in XFRM")
+                                      "ESP here), its SAs are not in XFRM")
         # 1. the agent
         t0 = time.monotonic()
-        agent.start()
-        log(f"agent up in {time.monotonic() - t0:.1f} s (pid {agent.pid})")
-        if not signalling_only:
-            prober = Prober(tb.ns("mn"), tb.addr.home_address, tb.ns("cn"), tb.addr.cn,
-                            interval=opts.probe_interval).start()
-        prev = agent_move(tb, agent, prober, xw, START, {})
+        start_agent(roamer, opts, signalling_only)
+        pid = tb.daemons["mn-agent"].pid
+        log(f"agent up in {time.monotonic() - t0:.1f} s (pid {pid}; detection {init}/{retr}/{mx} s)")
+        prev = agent_move(tb, roamer, None, xw, START, {})
         log(f"  warm-up move to {START}: {prev.get('verdict')} mode {prev.get('mode_to')}, ready "
-            f"{prev.get('ready')} ms, first packet {prev.get('first_packet')} ms")
+            f"{prev.get('ready')} ms")
         if not prev.get("ok"):
-            raise TestbedError(f"the agent did not settle on {START}: {prev.get('reason')}")
+            raise TestbedError(f"the agent did not settle on {START}: {prev.get('reason')} {prev.get('agent_last')}")
+        if not signalling_only:
+            flow = start_flow(tb, tb.addr.home_address, opts)
         time.sleep(1.0)
-        res["agent_resources"] = {"idle": procstat.idle(agent.pid, opts.idle_seconds), "during": {},
-                                  "i_ha_idle": None}
+        res["agent_resources"] = {"idle": procstat.idle(pid, opts.idle_seconds), "during": {}, "i_ha_idle": None}
         ha = tb.daemons.get("i-ha")
         if ha is not None:
             res["agent_resources"]["i_ha_idle"] = procstat.idle(ha.pid, min(2.0, opts.idle_seconds))
@@ -440,39 +430,40 @@ def run_session(opts, caps: dict, log) -> dict:
         if want_h:
             for rtt in rtts:
                 tb.impair(delay_ms=rtt / 2) if rtt else tb.impair()
-                base = ping_rtt(tb, tb.addr.gw_public)     # the path MOBIKE takes (host route via the router)
+                rtt_gw = ping_rtt(tb, tb.addr.gw_public)     # the path MOBIKE takes (host route via the router)
                 moves = []
-                s0 = procstat.sample(agent.pid)
+                s0 = procstat.sample(pid)
                 for rnd in range(opts.rounds):
                     for target in opts.cycle:
-                        rec = agent_move(tb, agent, prober, xw, target, prev)
+                        rec = agent_move(tb, roamer, flow, xw, target, prev)
                         rec["round"] = rnd
                         moves.append(rec)
                         prev = {"mode": rec.get("mode_to")}
                         log(f"  rtt+{rtt} r{rnd} {rec['from']}->{target}: {rec.get('verdict')} "
                             f"{rec.get('mode_from')}->{rec.get('mode_to')} ready {rec.get('ready')} ms, "
-                            f"first packet {rec.get('first_packet')} ms"
+                            f"echo {rec.get('first_echo')} ms, tcp {rec.get('tcp_recovered')} ms"
                             + ("" if rec.get("ok") else f" ({rec.get('reason')})"))
                         time.sleep(opts.settle)
-                s1 = procstat.sample(agent.pid)
+                s1 = procstat.sample(pid)
                 use = procstat.usage(s0, s1)
                 if use:
                     use["moves"] = len(moves)
                     use["cpu_ms_per_handover"] = round(1000 * use["cpu_s"] / max(1, len(moves)), 1)
                 res["agent_resources"]["during"][str(rtt)] = use
-                hres["rtts"][str(rtt)] = {"rtt_to_gateway_ms": base, "moves": moves, "summary": summarize(moves)}
+                hres["rtts"][str(rtt)] = {"rtt_to_gateway_ms": rtt_gw, "moves": moves, "summary": summarize(moves)}
             tb.impair()
+        if flow is not None:
+            hres["flow"] = flow.summary()
+            flow.stop()
+            flow = None
         goodput_rounds = []
         if want_g:
             if signalling_only or not caps.get("esp"):
                 res["goodput"] = {"not_measured": "this kernel has no " + ("ipip" if signalling_only else "ESP")}
             else:
-                g = gp.agent_round(tb, agent, lambda n: agent_move(tb, agent, prober, xw, n, prev), opts, log)
-                goodput_rounds.append(g)
-        if prober is not None:
-            prober.close()
-            prober = None
-        agent.stop()
+                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, prev),
+                                                     opts, log))
+        tb.stop("mn-agent")
 
         # 2. strongSwan's client
         if want_h and not opts.no_strongswan:
@@ -480,24 +471,26 @@ def run_session(opts, caps: dict, log) -> dict:
             t0 = time.monotonic()
             swan.start("external-1")
             log(f"strongSwan client up in {time.monotonic() - t0:.1f} s (virtual IP {swan.vip})")
-            prober = Prober(tb.ns("mn"), swan.vip, tb.ns("cn"), tb.addr.cn, interval=opts.probe_interval).start()
+            flow = start_flow(tb, swan.vip, opts)
             for rtt in rtts:
                 tb.impair(delay_ms=rtt / 2) if rtt else tb.impair()
                 moves = []
                 for rnd in range(opts.rounds):
                     for target in SWAN_CYCLE:
-                        rec = swan_move(tb, swan, prober, xw, target)
+                        rec = swan_move(tb, swan, flow, xw, target)
                         rec["round"] = rnd
                         moves.append(rec)
                         log(f"  strongSwan rtt+{rtt} r{rnd} {rec['from']}->{target}: address {rec.get('lease')} ms, "
-                            f"gateway SA {rec.get('gw_sa')} ms, first packet {rec.get('first_packet')} ms")
+                            f"gateway SA {rec.get('gw_sa')} ms, echo {rec.get('first_echo')} ms, "
+                            f"tcp {rec.get('tcp_recovered')} ms")
                         time.sleep(opts.settle)
-                hres["strongswan"][str(rtt)] = {"moves": moves,
-                                                "summary": summarize(moves, ("lease", "gw_sa", "lease_to_gw_sa",
-                                                                             "first_packet", "first_echo", "outage"))}
+                hres["strongswan"][str(rtt)] = {
+                    "moves": moves, "summary": summarize(moves, ("lease", "gw_sa", "lease_to_gw_sa", "first_echo",
+                                                                 "tcp_recovered", "outage"))}
             tb.impair()
-            prober.close()
-            prober = None
+            hres["strongswan_flow"] = flow.summary()
+            flow.stop()
+            flow = None
         elif want_h:
             hres["unmeasured"].append("strongSwan's client: skipped (--no-strongswan)")
         if want_g and goodput_rounds:
@@ -509,12 +502,13 @@ def run_session(opts, caps: dict, log) -> dict:
                 swan.dhcp()
                 time.sleep(1)
             goodput_rounds.append(gp.swan_round(tb, swan, opts, log))
-            for extra in range(1, opts.goodput_rounds):     # more rounds alternate agent and strongSwan
+            for _ in range(1, opts.goodput_rounds):     # more rounds alternate agent and strongSwan
                 swan.stop()
-                agent.start()
-                goodput_rounds.append(gp.agent_round(tb, agent, lambda n: agent_move(tb, agent, None, xw, n, {}),
+                swan = None
+                tb.start_agent("mn", wait=120)
+                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, {}),
                                                      opts, log, fresh=True))
-                agent.stop()
+                tb.stop("mn-agent")
                 swan = SwanRun(tb, log)
                 swan.start("external-1")
                 goodput_rounds.append(gp.swan_round(tb, swan, opts, log))
@@ -525,15 +519,17 @@ def run_session(opts, caps: dict, log) -> dict:
             res["handover"] = hres
         return res
     finally:
-        if prober is not None:
-            prober.close()
+        if flow is not None:
+            flow.stop()
         if xw is not None:
             xw.close()
-        try:
-            keep = getattr(opts, "keep_logs", None)
-            if keep:
+        keep = getattr(opts, "keep_logs", None)
+        if keep:
+            try:
                 shutil.copytree(tb.dir / "logs", Path(keep) / "testbed-logs", dirs_exist_ok=True)
-        except Exception:
-            pass
+                for f in tb.dir.glob("swan/*/charon.log"):
+                    shutil.copy(f, Path(keep) / "testbed-logs" / f"charon-{f.parent.name}.log")
+            except Exception:
+                pass
         tb.down()
         log(f"testbed {tb.id}: down")

@@ -60,7 +60,7 @@ def goals(res: dict) -> list[dict]:
 
     # 1. handover time <= half of strongSwan's on the same untrusted -> untrusted moves
     g = {"goal": "Handover at most half of strongSwan's time (untrusted -> untrusted moves external-1 <-> "
-                 "external-2, link up -> first packet delivered, median)", "target": "<= 0.50"}
+                 "external-2, attach -> first echo of a probe sent after it, median)", "target": "<= 0.50"}
     if "not_measured" in h or not h.get("rtts"):
         g.update(_nm(h.get("not_measured") or "the handover part did not run"))
     elif not h.get("strongswan"):
@@ -73,7 +73,7 @@ def goals(res: dict) -> list[dict]:
             if not s:
                 continue
             for tr in MOBIKE_MOVES:
-                am, sm = _med(_row(a["summary"], tr), "first_packet"), _med(_row(s["summary"], tr), "first_packet")
+                am, sm = _med(_row(a["summary"], tr), "first_echo"), _med(_row(s["summary"], tr), "first_echo")
                 r = ratio(am, sm)
                 if r is None:
                     missing.append(f"+{rtt} ms {tr}: agent {am} / strongSwan {sm}")
@@ -84,7 +84,7 @@ def goals(res: dict) -> list[dict]:
             g.update(status="met" if worst <= 0.5 else "not met", value=worst, per=per,
                      detail=f"worst ratio {worst:.2f}" + (f"; missing: {'; '.join(missing)}" if missing else ""))
         else:
-            g.update(_nm("no first packet measured on both sides: " + "; ".join(missing)))
+            g.update(_nm("no first echo measured on both sides: " + "; ".join(missing)))
     out.append(g)
 
     # 2. MOBIKE-only moves within 1 RTT + 20 ms of the address becoming usable
@@ -207,25 +207,28 @@ def markdown(res: dict) -> str:
     if not h or "not_measured" in h:
         A(f"Not measured: {(h or {}).get('not_measured', 'the part did not run')}.")
     else:
+        det = h.get("detection") or {}
         A(f"Ran on: {h.get('ran_on')}. Gateway ESP: {h.get('gateway_esp')}. Cycle from {h['cycle'][0]}: "
-          f"{' → '.join(h['cycle'][1:])}, {h['rounds']} rounds per added RTT. Times in ms after the move's "
-          "link-up, **median / p95** over the moves that completed. *lease*: DHCP address; *verdict*: trust "
-          "decision; *ready*: data path installed and gate open; *first pkt*: first prober packet sent after "
-          "link-up that reached the correspondent (home address → CN, UDP every "
-          f"{_f(res.get('meta', {}).get('options', {}).get('probe_interval', 0.01) * 1000)} ms); *first echo*: "
-          "the same, echoed back to the node (both directions work); *outage*: "
-          "gap the correspondent saw; *MOBIKE*: our UPDATE_SA_ADDRESSES answered; *gw SA*: the gateway's "
-          "XFRM state points at the new address.")
+          f"{' → '.join(h['cycle'][1:])}; {h['rounds']} round(s) per added RTT. Agent detection: first "
+          f"registration timeout {det.get('initial_timeout')} s, {det.get('retransmissions')} retransmissions, "
+          f"at most {det.get('max_timeout')} s (an untrusted verdict waits for all of them). Times in ms after "
+          "the move's attach (link down, then up on the new net), **median / p95** over the moves that "
+          "completed. *lease*: DHCP address; *verdict*: trust decision; *ready*: data path installed and gate "
+          "open; *first echo*: the first UDP probe sent after the attach that came back from the correspondent "
+          f"(home address ↔ CN, {h.get('probe_rate_hz')} probes/s; both directions work); *TCP*: the "
+          "correspondent receives data of the running TCP stream again; *outage*: between the last echoed probe "
+          "before the move and the first after; *MOBIKE*: our UPDATE_SA_ADDRESSES answered; *gw SA*: the "
+          "gateway's XFRM state points at the new address.")
         A("")
         for rtt, a in h["rtts"].items():
             A(f"### Agent, added RTT {rtt} ms (measured RTT to the gateway {_f(a.get('rtt_to_gateway_ms'))} ms)")
             A("")
-            A("| transition | modes | ok/n | lease | verdict | ready | first pkt | first echo | outage | MOBIKE | gw SA |")
+            A("| transition | modes | ok/n | lease | verdict | ready | first echo | TCP | outage | MOBIKE | gw SA |")
             A("|---|---|---|---|---|---|---|---|---|---|---|")
             for r in a["summary"]:
                 A(f"| {r['transition']} | {', '.join(r['modes'])}{' (MOBIKE only)' if r.get('mobike_only') else ''} "
                   f"| {r['ok']}/{r['moves']} | {_mp(r, 'lease')} | {_mp(r, 'verdict_ms')} | {_mp(r, 'ready')} "
-                  f"| {_mp(r, 'first_packet')} | {_mp(r, 'first_echo')} | {_mp(r, 'outage')} | {_mp(r, 'mobike_done')} "
+                  f"| {_mp(r, 'first_echo')} | {_mp(r, 'tcp_recovered')} | {_mp(r, 'outage')} | {_mp(r, 'mobike_done')} "
                   f"| {_mp(r, 'gw_sa')} |")
             fails = [f"{r['transition']}: {'; '.join(r['failures'])}" for r in a["summary"] if r.get("failures")]
             if fails:
@@ -237,14 +240,14 @@ def markdown(res: dict) -> str:
                 A(f"### strongSwan's client, added RTT {rtt} ms")
                 A("")
                 A(f"Same testbed, {h.get('gateway_esp')} ESP; a system DHCP client (busybox udhcpc) started at link-up; the "
-                  "prober sends from the client's virtual IP. *address*: lease configured; *gw SA*: the "
+                  "flow runs from the client's virtual IP. *address*: lease configured; *gw SA*: the "
                   "gateway's SA moved (MOBIKE); *addr → gw SA*: from the address to that.")
                 A("")
-                A("| transition | ok/n | address | gw SA | addr → gw SA | first pkt | first echo | outage |")
+                A("| transition | ok/n | address | gw SA | addr → gw SA | first echo | TCP | outage |")
                 A("|---|---|---|---|---|---|---|---|")
                 for r in s["summary"]:
                     A(f"| {r['transition']} | {r['ok']}/{r['moves']} | {_mp(r, 'lease')} | {_mp(r, 'gw_sa')} "
-                      f"| {_mp(r, 'lease_to_gw_sa')} | {_mp(r, 'first_packet')} | {_mp(r, 'first_echo')} "
+                      f"| {_mp(r, 'lease_to_gw_sa')} | {_mp(r, 'first_echo')} | {_mp(r, 'tcp_recovered')} "
                       f"| {_mp(r, 'outage')} |")
                 A("")
         for x in h.get("unmeasured", []):
@@ -359,10 +362,10 @@ def summary_text(res: dict) -> str:
         for rtt, a in h["rtts"].items():
             for r in a["summary"]:
                 lines.append(f"  +{rtt:>2} ms agent  {r['transition']:<26} {','.join(r['modes']):<10} "
-                             f"{r['ok']}/{r['moves']}  ready {_mp(r, 'ready'):<16} first pkt {_mp(r, 'first_packet')}")
+                             f"{r['ok']}/{r['moves']}  ready {_mp(r, 'ready'):<16} first echo {_mp(r, 'first_echo')}")
             for r in (h.get("strongswan", {}).get(rtt) or {}).get("summary", []):
                 lines.append(f"  +{rtt:>2} ms swan   {r['transition']:<26} {'vpn':<10} "
-                             f"{r['ok']}/{r['moves']}  gw SA {_mp(r, 'gw_sa'):<16} first pkt {_mp(r, 'first_packet')}")
+                             f"{r['ok']}/{r['moves']}  gw SA {_mp(r, 'gw_sa'):<16} first echo {_mp(r, 'first_echo')}")
     return "\n".join(lines)
 
 
