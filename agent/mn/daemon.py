@@ -321,6 +321,34 @@ class MobileNodeAgent:
         self.datapath.mode_mc(tia)
         self.mode = h.mode = "mc"
 
+    # -- VPN events: an SA re-established on its own (gateway restart, lost SA) ---------------------
+    def _on_vpn(self, ev) -> None:
+        if ev.kind == "reestablished" and self.mode == "mc" and self.ifname is not None \
+                and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._vpn_recovered(ev))
+
+    async def _vpn_recovered(self, ev) -> None:
+        """The gateway lost our SA and the VPN made a new one: the TIA may differ; register it again."""
+        h = Handover("vpn-reestablished", self.ifname, ev.time, t_vpn=ev.time,
+                     coa=str(self.lease.ip) if self.lease else None)
+        self.timeline.append(h)
+        tia = ipaddress.IPv4Address(ev.detail["tia"])
+        h.tia = str(tia)
+        try:
+            self.mip.set_path(tia, None, bypass=False)
+            res = await self._registration(lambda: self.mip.register(tia))
+            h.t_verdict = time.time()
+            if not isinstance(res, Registered):
+                h.verdict, h.reason = "failed", f"registration of the new TIA failed ({type(res).__name__})"
+                return
+            self.datapath.mode_mc(tia)
+            h.verdict, h.mode = "untrusted", "mc"
+            h.reason = "VPN re-established" + ("; TIA changed" if ev.detail.get("tia_changed") else "")
+            h.t_ready = time.time()
+        except Exception as e:
+            log.exception("re-registration after VPN recovery failed")
+            h.verdict, h.reason = "failed", f"{type(e).__name__}: {e}"
+
     def _gateways(self) -> list:
         return [self.cfg.vpn.gateway] if self.cfg.vpn else []
 
@@ -379,6 +407,8 @@ class MobileNodeAgent:
             for ifname in self.cfg.interfaces:
                 with contextlib.suppress(Exception):
                     self.gate.attach(ifname)       # closed, or the state a predecessor left (adopted)
+        if self.vpn is not None:
+            self.vpn.on_event = self._on_vpn
         self.control.register("status", self.status)
         await self.control.start()
         watcher = LinkWatcher(self.cfg.interfaces)
