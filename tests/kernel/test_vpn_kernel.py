@@ -18,7 +18,7 @@ import time
 
 from agent.ike.installer import XfrmInstaller
 from agent.kernel import Kernel
-from tests.netns.test_vpn_mobike import roam, until, vpn_for, wait_gw, gw_remote  # noqa: F401  (fixture)
+from tests.netns.test_vpn_mobike import gw_remote, roam, vpn_for, wait_gw  # noqa: F401  (roam: a fixture)
 
 INSIDE = "10.10.0.10"
 
