@@ -70,6 +70,7 @@ class HaDaemon:
         self.state = StateFile(settings.state_file)
         self._save_handle = None
         self._restored = 0
+        self._state_loaded = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -97,6 +98,7 @@ class HaDaemon:
         self.udp = UdpTunnelPlane(self.kernel, udp_name, self._to_udp_node)
         live = restore(self.engine, saved, idents, self.clock())
         self._restored = len(live)
+        self._state_loaded = True  # from here on the engine holds the state worth saving
         if saved:
             log.info("restored %d of %d saved bindings", len(live), len(saved))
         self.timer = EngineTimer(self.engine, self._on_timer, self.clock)
@@ -121,7 +123,7 @@ class HaDaemon:
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_handle = None
-        if self.started_at is not None:
+        if self._state_loaded:  # never overwrite the saved bindings after a failed start
             self._save()
         if self.dp is not None:
             self.dp.close()
@@ -184,7 +186,7 @@ class HaDaemon:
                 changed = True
                 log.info("binding %s -> %s removed (%s)", b.home_address, b.care_of_address, ev.reason)
                 if ev.reason == "deregistered":
-                    asyncio.get_running_loop().call_later(0.5, self.dp.announce_returned, b.home_address)
+                    asyncio.get_running_loop().call_later(0.5, self._announce_returned, b.home_address)
             elif isinstance(ev, TunnelPacket):
                 if self.udp is not None:
                     self.udp.deliver(ev.home_address, ev.next_header, ev.payload)
@@ -193,6 +195,14 @@ class HaDaemon:
             self._schedule_save()
         if self.timer is not None:
             self.timer.rearm()
+
+    def _announce_returned(self, hoa) -> None:
+        if self.dp is None or self.control is None:  # stopping
+            return
+        try:
+            self.dp.announce_returned(hoa)
+        except Exception as e:  # best effort: a missing neighbour entry is normal
+            log.debug("re-announcing %s: %s", hoa, e)
 
     def _flush(self) -> None:
         for d in self.engine.datagrams_to_send():

@@ -93,3 +93,4 @@ class UdpTunnelPlane:
         except (ValueError, OSError):
             pass
         self.tun.close()
+        self.kernel.forget(self.name)

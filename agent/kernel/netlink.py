@@ -126,6 +126,7 @@ class Kernel:
         self.protocol = protocol if protocol is not None else OWNER_PROTOCOLS.get(owner, 183)
         self.inside = lambda: in_netns(netns)
         self.ipr = _ThreadBoundIPRoute(netns)
+        self._ifindex: dict[str, int] = {}
 
     def close(self) -> None:
         self.ipr.close()
@@ -133,12 +134,28 @@ class Kernel:
     # ------------------------------------------------------------------ links
 
     def ifindex(self, name: str) -> int | None:
-        """The index of interface ``name``, or None."""
+        """The index of interface ``name``, or None (cached; see :meth:`forget`)."""
+        idx = self._ifindex.get(name)
+        if idx is not None:
+            return idx
         try:
-            found = self.ipr.link_lookup(ifname=name)
+            msgs = self.ipr.link("get", ifname=name)
         except NetlinkError as e:
+            if e.code in (errno.ENODEV, errno.ENOENT):
+                return None
             raise KernelError(f"look up interface {name}", e) from None
-        return found[0] if found else None
+        if not msgs:
+            return None
+        idx = msgs[0]["index"]
+        self._ifindex[name] = idx
+        return idx
+
+    def forget(self, name: str | None = None) -> None:
+        """Drop the cached index of ``name`` (of every interface with None)."""
+        if name is None:
+            self._ifindex.clear()
+        else:
+            self._ifindex.pop(name, None)
 
     def require_ifindex(self, name: str) -> int:
         idx = self.ifindex(name)
@@ -163,9 +180,16 @@ class Kernel:
             msgs = self.ipr.get_links(idx)
         except NetlinkError as e:
             if e.code == errno.ENODEV:
+                if isinstance(name_or_index, str) and name_or_index in self._ifindex:
+                    self.forget(name_or_index)  # stale cache: the device was re-created
+                    return self.link(name_or_index)
                 return None
             raise KernelError(f"get link {name_or_index}", e) from None
-        return self._summary(msgs[0]) if msgs else None
+        summary = self._summary(msgs[0]) if msgs else None
+        if isinstance(name_or_index, str) and summary is not None and summary["name"] != name_or_index:
+            self.forget(name_or_index)
+            return self.link(name_or_index)
+        return summary
 
     def links(self) -> list[dict]:
         try:
@@ -246,6 +270,9 @@ class Kernel:
         idx = name_or_index if isinstance(name_or_index, int) else self.ifindex(name_or_index)
         if idx is None:
             return False
+        for n, i in list(self._ifindex.items()):
+            if i == idx:
+                del self._ifindex[n]
         try:
             self.ipr.link("del", index=idx)
         except NetlinkError as e:
@@ -356,6 +383,10 @@ class Kernel:
         try:
             self.ipr.route("replace", **kw)
         except NetlinkError as e:
+            if e.code == errno.ENODEV and isinstance(dev, str) and dev in self._ifindex:
+                self.forget(dev)  # stale cached index: once more with a fresh one
+                return self.add_route(dst, dev=dev, gateway=gateway, src=src, table=table, metric=metric,
+                                      scope=scope, onlink=onlink)
             raise KernelError(f"add route {dst} dev {dev} via {gateway} table {table}", e) from None
 
     def del_route(self, dst, *, dev=None, gateway=None, table: int | None = None,
@@ -507,6 +538,9 @@ class Kernel:
         try:
             self.ipr.neigh("add", dst=str(address), ifindex=self.require_ifindex(dev), flags=NTF_PROXY)
         except NetlinkError as e:
+            if e.code == errno.ENODEV and dev in self._ifindex:
+                self.forget(dev)
+                return self.add_proxy_arp(address, dev)
             if e.code != errno.EEXIST:
                 raise KernelError(f"add proxy ARP {address} on {dev}", e) from None
 

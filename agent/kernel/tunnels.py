@@ -285,6 +285,8 @@ class BpfBackend(TunnelBackend):
         self.prog = None
         self.tun = None
         self._decap_on: list[str] = []
+        self._dst_owner: dict[IPv4Address, Tunnel] = {}   # host -> tunnel its tun_dst entry names
+        self._src_users: dict[IPv4Address, set] = {}      # host -> ids of tunnels using tun_src
 
     def reconcile(self) -> dict:
         from .bpftunnel import BpfTunnelProgram
@@ -330,6 +332,7 @@ class BpfBackend(TunnelBackend):
         if self.tun is not None:
             self.tun.close()
             self.tun = None
+            self.kernel.forget(self.device_name)
         self._decap_on.clear()
 
     def close(self) -> None:
@@ -355,39 +358,50 @@ class BpfBackend(TunnelBackend):
         self.prog.set_dst(host, local=t.local, remote=t.remote)
         self.kernel.add_route(host, dev=self.device_name)
         t.routes_to.add(host)
+        self._dst_owner[host] = t
 
     def unroute_to(self, t, host):
         host = ipv4(host)
         if host not in t.routes_to:
             return
         t.routes_to.discard(host)
-        if any(host in o.routes_to for o in self.tunnels.values() if o is not t):
+        if self._dst_owner.get(host) is not t:
             return  # another tunnel took this host over (a binding moved)
+        del self._dst_owner[host]
         self.prog.del_dst(host)
         self.kernel.del_route(host, dev=self.device_name)
 
+    def _src_use(self, t, host) -> None:
+        self._src_users.setdefault(host, set()).add(id(t))
+        self.prog.set_src(host, local=t.local, remote=t.remote)
+
+    def _src_unuse(self, t, host) -> None:
+        if host in t.accepts or any(h == host for h, _ in t.routes_from):
+            return  # still used by this tunnel
+        users = self._src_users.get(host)
+        if users is None:
+            return
+        users.discard(id(t))
+        if not users:
+            del self._src_users[host]
+            self.prog.del_src(host)
+
     def accept_for(self, t, host):
         host = ipv4(host)
-        self.prog.set_src(host, local=t.local, remote=t.remote)
         t.accepts.add(host)
-
-    def _src_used_elsewhere(self, t, host) -> bool:
-        return any(host in o.accepts or any(h == host for h, _ in o.routes_from)
-                   for o in self.tunnels.values() if o is not t)
+        self._src_use(t, host)
 
     def unaccept_for(self, t, host):
         host = ipv4(host)
         if host in t.accepts:
             t.accepts.discard(host)
-            if not any(h == host for h, _ in t.routes_from) and \
-                    not self._src_used_elsewhere(t, host):
-                self.prog.del_src(host)
+            self._src_unuse(t, host)
 
     def route_from(self, t, host, *, iif=None):
         host = ipv4(host)
-        self.prog.set_src(host, local=t.local, remote=t.remote)
-        self.kernel.add_rule(table=self.table_base, priority=self.rule_priority, src=host, iif=iif)
         t.routes_from.add((host, iif))
+        self._src_use(t, host)
+        self.kernel.add_rule(table=self.table_base, priority=self.rule_priority, src=host, iif=iif)
 
     def unroute_from(self, t, host, *, iif=None):
         host = ipv4(host)
@@ -395,9 +409,7 @@ class BpfBackend(TunnelBackend):
             return
         t.routes_from.discard((host, iif))
         self.kernel.del_rule(table=self.table_base, priority=self.rule_priority, src=host, iif=iif)
-        if host not in t.accepts and not any(h == host for h, _ in t.routes_from) and \
-                not self._src_used_elsewhere(t, host):
-            self.prog.del_src(host)
+        self._src_unuse(t, host)
 
     def stats(self) -> dict:
         out = super().stats()

@@ -66,6 +66,8 @@ def test_fa_advertises_relays_and_tunnels(topology, procs, tmp_path):
         assert fst["counters"]["requests_relayed"] == 1 and fst["counters"]["replies_relayed"] == 1
         (b,) = status(ha_sock)["bindings"]
         assert b["care_of_address"] == FA_ADDR and b["foreign_agent"] == FA_ADDR and b["trusted"]
+        # the FA-HA security association was used both ways (Foreign-Home extensions verified)
+        assert status(ha_sock)["counters"]["fa_auth_failures"] == 0 and fst["counters"]["auth_failures"] == 0
 
         # data both ways: HA -> FA tunnel -> link, and reverse tunnelled through the FA
         with Capture(lab.rt, lab.rt_fa, tmp_path / "fa-uplink.pcap") as cap:

@@ -28,6 +28,7 @@ from tests.lib.procs import wait_until
 
 KEY_HEX = "00112233445566778899aabbccddeeff"
 KEY = bytes.fromhex(KEY_HEX)
+FA_HA_KEY_HEX = "f0e1d2c3b4a5968778695a4b3c2d1e0f"
 
 
 def write_key(path: Path, hexkey: str = KEY_HEX) -> Path:
@@ -314,7 +315,9 @@ def write_ha_config(tmp_path: Path, lab: Lab, backend: str = "bpf", **extra) -> 
     dp = {"backend": backend}
     if backend == "bpf":
         dp["decap_interfaces"] = [lab.ha_up]
-    return ha_toml(tmp_path / "ha.toml", ha=ha, nodes=nodes, dataplane=dp)
+    fh_key = write_key(tmp_path / "fa-ha.key", FA_HA_KEY_HEX)
+    return ha_toml(tmp_path / "ha.toml", ha=ha, nodes=nodes, dataplane=dp,
+                   foreign_agents=[{"address": FA_ADDR, "spi": 300, "key_file": str(fh_key)}])
 
 
 def write_fa_config(tmp_path: Path, lab: Lab, backend: str = "bpf", **extra) -> Path:
@@ -324,7 +327,9 @@ def write_fa_config(tmp_path: Path, lab: Lab, backend: str = "bpf", **extra) -> 
     dp = {"backend": backend}
     if backend == "bpf":
         dp["decap_interfaces"] = [lab.fa_up]
-    return fa_toml(tmp_path / "fa.toml", fa=fa, dataplane=dp)
+    fh_key = write_key(tmp_path / "fa-ha.key", FA_HA_KEY_HEX)
+    return fa_toml(tmp_path / "fa.toml", fa=fa, dataplane=dp,
+                   home_agents=[{"address": HA_HOME, "spi": 300, "key_file": str(fh_key)}])
 
 
 def icmp_socket(ns: str, device: str | None = None) -> socket.socket:
