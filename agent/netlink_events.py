@@ -37,6 +37,8 @@ class LinkEvent:
     index: int
     up: bool            # administratively up and carrier present
     removed: bool = False
+    carrier_changes: int | None = None   # IFLA_CARRIER_CHANGES: a fast down+up shows here
+                                         # even when the kernel reports only the final state
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def parse(data: bytes) -> list:
                 flags = msg["flags"]
                 name = msg.get_attr("IFLA_IFNAME") or ""
                 up = bool(flags & IFF_UP) and bool(flags & (IFF_RUNNING | IFF_LOWER_UP))
-                out.append(LinkEvent(name, msg["index"], up and mtype == RTM_NEWLINK, removed=mtype == RTM_DELLINK))
+                out.append(LinkEvent(name, msg["index"], up and mtype == RTM_NEWLINK, removed=mtype == RTM_DELLINK,
+                                     carrier_changes=msg.get_attr("IFLA_CARRIER_CHANGES")))
             elif msg["family"] == socket.AF_INET:
                 addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
                 label = msg.get_attr("IFA_LABEL") or ""

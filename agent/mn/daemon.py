@@ -107,6 +107,7 @@ class MobileNodeAgent:
         self._task: asyncio.Task | None = None
         self._waiter: asyncio.Future | None = None
         self._link_up: dict[str, bool] = {}
+        self._carrier: dict[str, int] = {}
         self._stop = asyncio.Event()
         self.control = ControlServer(cfg.control_socket)
         self.started = time.time()
@@ -143,7 +144,14 @@ class MobileNodeAgent:
         if isinstance(ev, LinkEvent):
             was = self._link_up.get(ev.ifname)
             self._link_up[ev.ifname] = ev.up
-            if ev.up and not was:
+            # the kernel's link watcher coalesces a fast carrier down+up into one "up"
+            # notification; the carrier-change counter still moved: that is a new link too
+            last, self._carrier[ev.ifname] = self._carrier.get(ev.ifname), ev.carrier_changes
+            bounced = (was and ev.up and last is not None and ev.carrier_changes is not None
+                       and ev.carrier_changes > last)
+            if bounced:
+                self._link_down(ev.ifname)
+            if ev.up and (not was or bounced):
                 self._start_handover(ev.ifname, "link-up")
             elif not ev.up and was:
                 self._link_down(ev.ifname)
