@@ -64,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ipip-max-tunnels", type=int, default=1000)
     p.add_argument("--idle-seconds", type=float, help="agent idle sampling (default 10, quick 3)")
     p.add_argument("--settle", type=float, default=0.5, help="pause between moves, s")
-    p.add_argument("--probe-interval", type=float, default=0.01, help="prober packet interval, s")
+    p.add_argument("--probe-interval", type=float, default=0.02,
+                   help="UDP echo probe interval of the flow, s (default 0.02: 50 probes/s)")
+    p.add_argument("--poll", type=float, default=0.5,
+                   help="how often the agent's status is asked while a handover runs, s (its own timestamps "
+                        "are used; polling faster takes CPU from it under TCG)")
     p.add_argument("--out", default=str(TOP / "reports"), help="report directory (default reports/)")
     p.add_argument("--publish", nargs="?", const=str(TOP / "docs" / "bench"), default=None, metavar="DIR",
                    help="also write DIR/latest.md and latest.json (default DIR docs/bench)")
@@ -110,7 +114,7 @@ def _forward_args(a, parts: list[str], ha_backends: list[str] | None, keep_logs:
             "--gate-seconds", str(a.gate_seconds), "--gate-rounds", str(a.gate_rounds),
             "--ha-sizes", ",".join(map(str, a.ha_sizes)), "--ipip-max-tunnels", str(a.ipip_max_tunnels),
             "--idle-seconds", str(a.idle_seconds), "--settle", str(a.settle),
-            "--probe-interval", str(a.probe_interval), "--testbed-id", a.testbed_id]
+            "--probe-interval", str(a.probe_interval), "--poll", str(a.poll), "--testbed-id", a.testbed_id]
     if keep_logs:
         argv += ["--keep-logs", keep_logs]
     if ha_backends:

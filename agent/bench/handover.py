@@ -6,8 +6,8 @@ One testbed serves every kernel-path part (``run_session``):
    given, product defaults unless changed) is moved round the cycle
    internal-1 -> internal-2 (f) -> external-1 (mc) -> external-2 (mc behind
    the NAT, MOBIKE only) -> external-1 (mc, MOBIKE only) -> internal-1 (c),
-   ``rounds`` times per added RTT, by the demo's ``Roamer`` (link down,
-   attach, wait for the agent's handover). For each move the agent's own
+   ``rounds`` times per added RTT (link down, attach; the agent started
+   and asked through the demo's ``Roamer``). For each move the agent's own
    timeline gives trigger, lease, verdict and data path ready; the demo's
    ``Flow`` (UDP echo and a TCP stream, home address <-> correspondent) gives
    the first echo of a probe sent after the attach and the first TCP data
@@ -193,13 +193,46 @@ def start_agent(roamer: Roamer, opts, signalling_only: bool) -> None:
     roamer.start_agent(wait=120, initial_timeout=init, retransmissions=retr, max_timeout=mx, mn=mn)
 
 
+def attach(tb: Testbed, target: str) -> tuple[str | None, float, float]:
+    """The move both clients get: link down (off every bridge), then up on ``target``.
+    Returns (previous net, wall time of the detach, wall time of the attach)."""
+    src = tb.attached
+    tb.move("none", record=False)
+    t_detach = time.time()
+    t_attach = time.time()
+    tb.move(target, record=False)
+    return src, t_detach, t_attach
+
+
+def wait_handover(roamer: Roamer, after: float, timeout: float, poll: float) -> dict | None:
+    """The agent's first handover started at or after ``after``, once finished. Polled every ``poll`` s:
+    the times come from the agent's own timeline, so a slow poll only delays the bench, while a fast one
+    would take CPU from the agent under TCG."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        time.sleep(poll)
+        try:
+            st = roamer.status()
+        except Exception:
+            d = roamer.tb.daemons.get("mn-agent")
+            if d is not None and not d.alive():
+                raise TestbedError(f"the mobile node agent exited:\n{roamer.agent_log()}") from None
+            continue
+        hs = [h for h in st["timeline"] if h["trigger"] != "link-down" and h["t_trigger"] >= after - 0.05]
+        if hs:
+            last = hs[0]
+            if last["t_ready"] is not None or last["verdict"] in FINISHED:
+                return last
+    return last
+
+
 def agent_move(tb: Testbed, roamer: Roamer, flow: Flow | None, xw: XfrmWatch | None, target: str,
-               prev: dict) -> dict:
-    """Move the node to ``target`` (link down, attach) and time the agent's handover (ms after the attach)."""
-    step = roamer.move(target, gap=0.0, timeout=HANDOVER_TIMEOUT)
-    t_link = step.t_attach
-    h = step.handover
-    rec: dict = {"from": step.src, "to": target, "mode_from": prev.get("mode"), "t_link": round(t_link, 3)}
+               prev: dict, poll: float = 0.5) -> dict:
+    """Move the node to ``target`` and time the agent's handover (ms after the attach)."""
+    src, t_detach, t_link = attach(tb, target)
+    h = wait_handover(roamer, t_link, HANDOVER_TIMEOUT, poll)
+    rec: dict = {"from": src, "to": target, "mode_from": prev.get("mode"), "t_link": round(t_link, 3)}
     if h is None or (h.get("t_ready") is None and h.get("verdict") not in FINISHED):
         rec.update(ok=False, reason=f"no finished handover within {HANDOVER_TIMEOUT:.0f} s",
                    agent_last=h)
@@ -229,7 +262,7 @@ def agent_move(tb: Testbed, roamer: Roamer, flow: Flow | None, xw: XfrmWatch | N
         if t_gw and h.get("t_lease"):
             rec["lease_to_gw_sa"] = _ms(t_gw, h["t_lease"])
     if flow is not None and rec["ok"]:
-        rec.update(recovery(flow, t_link, step.t_detach, DELIVERY_TIMEOUT))
+        rec.update(recovery(flow, t_link, t_detach, DELIVERY_TIMEOUT))
     return rec
 
 
@@ -355,12 +388,8 @@ class SwanRun:
 
 
 def swan_move(tb: Testbed, swan: SwanRun, flow: Flow, xw: XfrmWatch | None, target: str) -> dict:
-    """The same kind of move for strongSwan's client: link down, attach, udhcpc; times after the attach."""
-    src = tb.attached
-    tb.move("none", record=False)
-    t_detach = time.time()
-    t_link = time.time()
-    tb.move(target, record=False)
+    """The same move for strongSwan's client, then udhcpc; times after the attach."""
+    src, t_detach, t_link = attach(tb, target)
     rec: dict = {"from": src, "to": target, "mode_from": "vpn", "mode_to": "vpn", "t_link": round(t_link, 3)}
     t_addr, addr = swan.dhcp()
     if addr is None:
@@ -414,7 +443,7 @@ def run_session(opts, caps: dict, log) -> dict:
         start_agent(roamer, opts, signalling_only)
         pid = tb.daemons["mn-agent"].pid
         log(f"agent up in {time.monotonic() - t0:.1f} s (pid {pid}; detection {init}/{retr}/{mx} s)")
-        prev = agent_move(tb, roamer, None, xw, START, {})
+        prev = agent_move(tb, roamer, None, xw, START, {}, opts.poll)
         log(f"  warm-up move to {START}: {prev.get('verdict')} mode {prev.get('mode_to')}, ready "
             f"{prev.get('ready')} ms")
         if not prev.get("ok"):
@@ -435,7 +464,7 @@ def run_session(opts, caps: dict, log) -> dict:
                 s0 = procstat.sample(pid)
                 for rnd in range(opts.rounds):
                     for target in opts.cycle:
-                        rec = agent_move(tb, roamer, flow, xw, target, prev)
+                        rec = agent_move(tb, roamer, flow, xw, target, prev, opts.poll)
                         rec["round"] = rnd
                         moves.append(rec)
                         prev = {"mode": rec.get("mode_to")}
@@ -461,7 +490,7 @@ def run_session(opts, caps: dict, log) -> dict:
             if signalling_only or not caps.get("esp"):
                 res["goodput"] = {"not_measured": "this kernel has no " + ("ipip" if signalling_only else "ESP")}
             else:
-                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, prev),
+                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, prev, opts.poll),
                                                      opts, log))
         tb.stop("mn-agent")
 
@@ -506,7 +535,7 @@ def run_session(opts, caps: dict, log) -> dict:
                 swan.stop()
                 swan = None
                 tb.start_agent("mn", wait=120)
-                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, {}),
+                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, {}, opts.poll),
                                                      opts, log, fresh=True))
                 tb.stop("mn-agent")
                 swan = SwanRun(tb, log)

@@ -104,13 +104,16 @@ def goals(res: dict) -> list[dict]:
             med = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
             bound = (rtt_ms if rtt_ms is not None else float(rtt)) + 20
             ready = [m["ready"] - m["lease"] for m in moves if m.get("ready") is not None and m.get("lease") is not None]
+            exch = sorted(m["mobike_rtt_ms"] for m in moves if m.get("mobike_rtt_ms") is not None)
             per[f"+{rtt} ms"] = {"median_ms": round(med, 1), "max_ms": vals[-1], "n": len(vals),
+                                 "exchange_median_ms": exch[len(exch) // 2] if exch else None,
                                  "rtt_ms": rtt_ms, "bound_ms": round(bound, 1), "ok": med <= bound,
                                  "lease_to_ready_median_ms": round(sorted(ready)[len(ready) // 2], 1) if ready else None}
         if per:
             ok = all(v["ok"] for v in per.values())
             g.update(status="met" if ok else "not met", per=per,
-                     detail="; ".join(f"{k}: {v['median_ms']} ms vs {v['bound_ms']} ms" for k, v in per.items())
+                     detail="; ".join(f"{k}: {v['median_ms']} ms vs {v['bound_ms']} ms (the exchange itself "
+                                      f"{v['exchange_median_ms']} ms)" for k, v in per.items())
                      + (f"; {'; '.join(missing)}" if missing else ""))
         else:
             g.update(_nm("; ".join(missing)))
@@ -218,7 +221,9 @@ def markdown(res: dict) -> str:
           f"(home address ↔ CN, {h.get('probe_rate_hz')} probes/s; both directions work); *TCP*: the "
           "correspondent receives data of the running TCP stream again; *outage*: between the last echoed probe "
           "before the move and the first after; *MOBIKE*: our UPDATE_SA_ADDRESSES answered; *gw SA*: the "
-          "gateway's XFRM state points at the new address.")
+          "gateway's XFRM state points at the new address. In a MOBIKE-only move the data path is ready "
+          "once the VPN update completes; the verdict (no reply from the i-HA) may come later. Under TCG the "
+          "agent's own processing (Python, netlink, an emulated CPU) is most of every figure.")
         A("")
         for rtt, a in h["rtts"].items():
             A(f"### Agent, added RTT {rtt} ms (measured RTT to the gateway {_f(a.get('rtt_to_gateway_ms'))} ms)")
