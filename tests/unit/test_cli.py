@@ -1,7 +1,5 @@
 """The command table: every subcommand exists; unimplemented ones say so and exit non-zero."""
 
-import pytest
-
 from agent import cli
 
 
@@ -10,9 +8,9 @@ def test_every_subcommand_listed():
         assert name in cli.SUBCOMMANDS
 
 
-@pytest.mark.parametrize("name", [n for n, (m, _) in cli.SUBCOMMANDS.items() if m is None])
-def test_unimplemented_subcommand_fails_loudly(name, capsys):
-    assert cli.main([name]) != 0
+def test_unimplemented_subcommand_fails_loudly(capsys, monkeypatch):
+    monkeypatch.setitem(cli.SUBCOMMANDS, "future", (None, "a subcommand not written yet"))
+    assert cli.main(["future"]) != 0
     assert "not implemented" in capsys.readouterr().err
 
 
