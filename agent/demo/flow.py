@@ -55,7 +55,7 @@ class Window:
     sent: int = 0
     answered: int = 0
     lost: int = 0
-    outage: float | None = None        # seconds between the last answered probe before and the first after
+    outage: float | None = None        # longest gap between answered probes across the window (s)
     tcp_bytes: int = 0                 # bytes the correspondent received in the window
 
     def as_dict(self) -> dict:
@@ -296,10 +296,14 @@ class Flow:
         w = Window(sent=hi - lo)
         w.answered = sum(1 for s in range(lo, hi) if s in answered)
         w.lost = w.sent - w.answered
-        before = [s for s in range(max(0, lo - 200), lo) if s in answered]
-        after = [s for s in range(lo, len(sent)) if s in answered]
-        if before and after:
-            w.outage = sent[after[0]] - sent[before[-1]]
+        # the longest time between two probes that got through, from the last one before the window
+        # to the first one at or after its end
+        ok = [sent[s] for s in range(lo, hi) if s in answered]
+        prev = next((sent[s] for s in range(lo - 1, max(-1, lo - 400), -1) if s in answered), None)
+        nxt = next((sent[s] for s in range(hi, len(sent)) if s in answered), None)
+        seq = ([prev] if prev is not None else []) + ok + ([nxt] if nxt is not None else [])
+        if prev is not None and nxt is not None:
+            w.outage = max(b - a for a, b in zip(seq, seq[1:]))
         w.tcp_bytes = _bytes_at(rx, t1) - _bytes_at(rx, t0)
         return w
 

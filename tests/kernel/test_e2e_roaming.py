@@ -189,7 +189,8 @@ def test_mc_to_mc_mobike_into_nat(roam):
 
 @needs_vpn
 def test_mc_to_mc_mobike_out_of_nat(roam):
-    r, tb = roam, roam.tb
+    """external-2 -> external-1: MOBIKE back to plain ESP from a public address, no new registration."""
+    r = roam
     ensure(r, "external-2", "mc")
     tia = r.status()["tia"]
     step = go(r, "external-1", "untrusted", "mc", count_ha=True)
