@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-strongswan", action="store_true", help="skip strongSwan's client in the handover part")
     p.add_argument("--goodput-seconds", type=float, help="per iperf3 run (default 10, quick 5)")
     p.add_argument("--goodput-rounds", type=int, help="agent/strongSwan pairs, alternating (default 2, quick 1)")
-    p.add_argument("--gate-seconds", type=float, help="bench_gate.py --seconds (default 2, quick 1)")
-    p.add_argument("--gate-rounds", type=int, help="bench_gate.py --rounds (default 3, quick 2)")
+    p.add_argument("--gate-seconds", type=float, help="bench_gate.py --seconds (default 2)")
+    p.add_argument("--gate-rounds", type=int, help="bench_gate.py --rounds (default 5, quick 3)")
     p.add_argument("--ha-sizes", type=_csv(int), help="bindings (default 1000,10000,100000; quick 1000,10000)")
     p.add_argument("--ha-backends", type=_csv(str), help="engine,bpf,ipip (default: all that can run)")
     p.add_argument("--ipip-max-tunnels", type=int, default=1000)
@@ -85,8 +85,8 @@ def _defaults(a) -> None:
     a.rounds = a.rounds or (3 if q else 20)
     a.goodput_seconds = a.goodput_seconds or (5.0 if q else 10.0)
     a.goodput_rounds = a.goodput_rounds or (1 if q else 2)
-    a.gate_seconds = a.gate_seconds or (1.0 if q else 2.0)
-    a.gate_rounds = a.gate_rounds or (2 if q else 3)
+    a.gate_seconds = a.gate_seconds or 2.0
+    a.gate_rounds = a.gate_rounds or (3 if q else 5)
     a.ha_sizes = a.ha_sizes or ([1000, 10000] if q else [1000, 10000, 100000])
     a.idle_seconds = a.idle_seconds or (3.0 if q else 10.0)
     from .handover import CYCLE

@@ -129,7 +129,11 @@ def summarize(rounds: list[dict]) -> dict:
            "strongswan_mbit_s": statistics.median(b) if b else None}
     out["ratio"] = ratio(out["agent_mbit_s"], out["strongswan_mbit_s"])
     out["fragments"] = sum(r.get("fragments_or_frag_needed", 0) for r in rounds if "mbit_s" in r)
-    why = [r.get("not_measured") or r.get("error") for r in rounds if r.get("who") == "agent" and "mbit_s" not in r]
-    if not a:
-        out["not_measured"] = f"MIP inside ESP: {why[0] if why else 'no agent round'}"
+    missing = []
+    for who, vals, label in (("agent", a, "MIP inside ESP"), ("strongswan", b, "plain strongSwan ESP")):
+        why = [r.get("not_measured") or r.get("error") for r in rounds if r.get("who") == who and "mbit_s" not in r]
+        if not vals:
+            missing.append(f"{label}: {why[0] if why else 'no run'}")
+    if missing:
+        out["not_measured"] = "; ".join(missing)
     return out

@@ -404,6 +404,49 @@ def swan_move(tb: Testbed, swan: SwanRun, flow: Flow, xw: XfrmWatch | None, targ
     return rec
 
 
+def _guard(fn, who: str, log) -> dict:
+    """One goodput round; an exception becomes a "not measured" row."""
+    try:
+        return fn()
+    except Exception as e:
+        log(f"  goodput ({who}): {type(e).__name__}: {e}")
+        return {"who": who, "not_measured": f"{type(e).__name__}: {e}"}
+
+
+def _goodput_swan_rounds(tb: Testbed, roamer: Roamer, swan, xw, opts, log) -> list[dict]:
+    """strongSwan's goodput round, then (goodput_rounds > 1) more agent / strongSwan pairs; leaves no client."""
+    rounds = []
+    try:
+        if swan is None or swan.client is None:
+            if swan is not None:
+                swan.stop()
+            swan = SwanRun(tb, log)
+            swan.start("external-1")
+        elif tb.attached != "external-1":
+            attach(tb, "external-1")
+            swan.dhcp()
+            time.sleep(1)
+        rounds.append(_guard(lambda: gp.swan_round(tb, swan, opts, log), "strongswan", log))
+        for _ in range(1, opts.goodput_rounds):     # more rounds alternate agent and strongSwan
+            swan.stop()
+            swan = None
+            tb.start_agent("mn", wait=120)
+            rounds.append(_guard(lambda: gp.agent_round(
+                tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, {}, opts.poll), opts, log, fresh=True),
+                "agent", log))
+            tb.stop("mn-agent")
+            swan = SwanRun(tb, log)
+            swan.start("external-1")
+            rounds.append(_guard(lambda: gp.swan_round(tb, swan, opts, log), "strongswan", log))
+    except Exception as e:
+        log(f"  goodput: {type(e).__name__}: {e}")
+        rounds.append({"who": "strongswan", "not_measured": f"{type(e).__name__}: {e}"})
+    finally:
+        if swan is not None:
+            swan.stop()
+    return rounds
+
+
 # -- the session -------------------------------------------------------------------------------------
 def run_session(opts, caps: dict, log) -> dict:
     """Bring a testbed up and run the selected kernel-path parts on it; a dict for the report."""
@@ -485,62 +528,53 @@ def run_session(opts, caps: dict, log) -> dict:
             hres["flow"] = flow.summary()
             flow.stop()
             flow = None
-        goodput_rounds = []
+        goodput_rounds: list[dict] = []
         if want_g:
             if signalling_only or not caps.get("esp"):
                 res["goodput"] = {"not_measured": "this kernel has no " + ("ipip" if signalling_only else "ESP")}
             else:
-                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, prev, opts.poll),
-                                                     opts, log))
+                goodput_rounds.append(_guard(lambda: gp.agent_round(
+                    tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, prev, opts.poll), opts, log),
+                    "agent", log))
         tb.stop("mn-agent")
 
-        # 2. strongSwan's client
+        # 2. strongSwan's client (a failure here keeps what the agent measured)
         if want_h and not opts.no_strongswan:
-            swan = SwanRun(tb, log)
-            t0 = time.monotonic()
-            swan.start("external-1")
-            log(f"strongSwan client up in {time.monotonic() - t0:.1f} s (virtual IP {swan.vip})")
-            flow = start_flow(tb, swan.vip, opts)
-            for rtt in rtts:
-                tb.impair(delay_ms=rtt / 2) if rtt else tb.impair()
-                moves = []
-                for rnd in range(opts.rounds):
-                    for target in SWAN_CYCLE:
-                        rec = swan_move(tb, swan, flow, xw, target)
-                        rec["round"] = rnd
-                        moves.append(rec)
-                        log(f"  strongSwan rtt+{rtt} r{rnd} {rec['from']}->{target}: address {rec.get('lease')} ms, "
-                            f"gateway SA {rec.get('gw_sa')} ms, echo {rec.get('first_echo')} ms, "
-                            f"tcp {rec.get('tcp_recovered')} ms")
-                        time.sleep(opts.settle)
-                hres["strongswan"][str(rtt)] = {
-                    "moves": moves, "summary": summarize(moves, ("lease", "gw_sa", "lease_to_gw_sa", "first_echo",
-                                                                 "tcp_recovered", "outage"))}
-            tb.impair()
-            hres["strongswan_flow"] = flow.summary()
-            flow.stop()
-            flow = None
+            try:
+                swan = SwanRun(tb, log)
+                t0 = time.monotonic()
+                swan.start("external-1")
+                log(f"strongSwan client up in {time.monotonic() - t0:.1f} s (virtual IP {swan.vip})")
+                flow = start_flow(tb, swan.vip, opts)
+                for rtt in rtts:
+                    tb.impair(delay_ms=rtt / 2) if rtt else tb.impair()
+                    moves = []
+                    for rnd in range(opts.rounds):
+                        for target in SWAN_CYCLE:
+                            rec = swan_move(tb, swan, flow, xw, target)
+                            rec["round"] = rnd
+                            moves.append(rec)
+                            log(f"  strongSwan rtt+{rtt} r{rnd} {rec['from']}->{target}: address {rec.get('lease')} "
+                                f"ms, gateway SA {rec.get('gw_sa')} ms, echo {rec.get('first_echo')} ms, "
+                                f"tcp {rec.get('tcp_recovered')} ms")
+                            time.sleep(opts.settle)
+                    hres["strongswan"][str(rtt)] = {
+                        "moves": moves, "summary": summarize(moves, ("lease", "gw_sa", "lease_to_gw_sa", "first_echo",
+                                                                     "tcp_recovered", "outage"))}
+                tb.impair()
+                hres["strongswan_flow"] = flow.summary()
+            except Exception as e:
+                log(f"strongSwan's client: {type(e).__name__}: {e}")
+                hres["unmeasured"].append(f"strongSwan's client (from then on): {type(e).__name__}: {e}")
+            finally:
+                if flow is not None:
+                    flow.stop()
+                    flow = None
         elif want_h:
             hres["unmeasured"].append("strongSwan's client: skipped (--no-strongswan)")
         if want_g and goodput_rounds:
-            if swan is None:
-                swan = SwanRun(tb, log)
-                swan.start("external-1")
-            elif tb.attached != "external-1":
-                tb.move("external-1", record=False)
-                swan.dhcp()
-                time.sleep(1)
-            goodput_rounds.append(gp.swan_round(tb, swan, opts, log))
-            for _ in range(1, opts.goodput_rounds):     # more rounds alternate agent and strongSwan
-                swan.stop()
-                swan = None
-                tb.start_agent("mn", wait=120)
-                goodput_rounds.append(gp.agent_round(tb, roamer, lambda n: agent_move(tb, roamer, None, xw, n, {}, opts.poll),
-                                                     opts, log, fresh=True))
-                tb.stop("mn-agent")
-                swan = SwanRun(tb, log)
-                swan.start("external-1")
-                goodput_rounds.append(gp.swan_round(tb, swan, opts, log))
+            goodput_rounds += _goodput_swan_rounds(tb, roamer, swan, xw, opts, log)
+            swan = None
             res["goodput"] = gp.summarize(goodput_rounds)
         if swan is not None:
             swan.stop()

@@ -38,6 +38,10 @@ def parse_gate(text: str) -> dict:
             out["rows"][d] = {"none_kpps": float(m.group(2)), "open_xdp_kpps": float(m.group(3)),
                               "open_tc_kpps": float(m.group(4)), "ratio_xdp": float(m.group(5)),
                               "ratio_tc": float(m.group(6))}
+        if line.strip().startswith("rounds (kpps):"):
+            out["rounds_kpps"] = {k: [float(x) for x in v.split()] for k, v in
+                                  (part.strip().split(" ", 1) for part in line.split(":", 1)[1].split(";")
+                                   if " " in part.strip())}
         m = re.search(r"closed/none = ([\d.]+)", line)
         if m:
             out["closed_sender_ratio"] = float(m.group(1))
@@ -58,6 +62,16 @@ def parse_gate(text: str) -> dict:
         out["ratio_ingress_xdp"] = rows["ingress"]["ratio_xdp"]
         out["ratio_ingress_tc"] = rows["ingress"]["ratio_tc"]
         out["worst_ratio"] = min(out["ratio_egress"], out["ratio_ingress_xdp"])
+        spreads = []
+        for key in ("eg/none", "in/none"):
+            vals = out.get("rounds_kpps", {}).get(key) or []
+            if len(vals) > 1:
+                mid = sorted(vals)[len(vals) // 2]
+                spreads.append((max(vals) - min(vals)) / mid if mid else 0.0)
+        if spreads:
+            # how far the baseline itself moved between rounds: larger than the 3 % margin means the
+            # ratio cannot decide the goal on this machine
+            out["baseline_spread"] = round(max(spreads), 3)
     return out
 
 

@@ -73,7 +73,7 @@ def test_bench_harness_runs_and_reports(tmp_path):
     # goals: every one present, each met / not met / not measured with a reason
     assert len(res["goals"]) == 5
     for g in res["goals"]:
-        assert g["status"] in ("met", "not met", "not measured") and g.get("detail"), g
+        assert g["status"] in ("met", "not met", "inconclusive", "not measured") and g.get("detail"), g
     assert res["goals"][2]["status"] == "not measured"
     for heading in ("## Goals", "## Handover", "## Agent CPU and memory", "## Goodput", "## BPF gate cost",
                     "## i-HA registrations"):
@@ -87,11 +87,14 @@ def test_gate_output_parsed_and_judged():
     assert g["rows"]["egress"]["none_kpps"] == 200.0 and g["rows"]["ingress"]["ratio_tc"] == 0.95
     assert g["worst_ratio"] == 0.98 and g["closed_sender_ratio"] == 0.967
     assert g["closed_dropped"] == 870000 and len(g["prog_ns"]) == 2 and g["rounds"] == 3
+    assert g["rounds_kpps"]["eg/none"] == [200.0, 201.0, 199.0] and g["baseline_spread"] == 0.01
     res = {"parts": {"gate": g, "handover": None, "goodput": None}}
     gate_goal = goals(res)[4]
     assert gate_goal["status"] == "met" and gate_goal["value"] == 0.98
     res["parts"]["gate"] = parse_gate(GATE_SAMPLE.replace("0.980 / 0.950", "0.960 / 0.950"))
     assert goals(res)[4]["status"] == "not met"
+    res["parts"]["gate"] = parse_gate(GATE_SAMPLE.replace("eg/none 200 201 199", "eg/none 200 150 199"))
+    assert goals(res)[4]["status"] == "inconclusive"
     assert goals({"parts": {}})[4]["status"] == "not measured"
 
 
