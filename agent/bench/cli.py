@@ -27,8 +27,9 @@ from pathlib import Path
 
 from . import env, report
 
-PARTS = ("handover", "goodput", "gate", "ha")
-KERNEL_PARTS = ("handover", "goodput")          # + the i-HA's ipip backend
+PARTS = ("handover", "goodput", "mobike", "gate", "ha")
+KERNEL_PARTS = ("handover", "goodput")          # need the testbed with ESP + ipip (+ netem)
+VM_PARTS = KERNEL_PARTS + ("mobike",)           # run in the VM unless this kernel has it all (mobike: kernel ESP)
 TOP = Path(__file__).resolve().parents[2]
 
 
@@ -44,7 +45,8 @@ def _csv(kind):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Measure handovers, goodput, the BPF gate and the i-HA side by side; write a report."
     p.add_argument("--quick", action="store_true", help="few moves and short runs (minutes, not an hour)")
-    p.add_argument("--parts", type=_csv(str), default=list(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--parts", type=_csv(str), default=list(PARTS),
+                   help=f"comma list of {', '.join(PARTS)} (default: all)")
     p.add_argument("--where", choices=("auto", "host", "vm"), default="auto",
                    help="auto: kernel-path parts in the VM unless this kernel has ESP, ipip and netem")
     p.add_argument("--rounds", type=int, help="rounds of the move cycle per added RTT (default 20, quick 3)")
@@ -57,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-strongswan", action="store_true", help="skip strongSwan's client in the handover part")
     p.add_argument("--goodput-seconds", type=float, help="per iperf3 run (default 10, quick 5)")
     p.add_argument("--goodput-rounds", type=int, help="agent/strongSwan pairs, alternating (default 2, quick 1)")
+    p.add_argument("--mobike-moves", type=int, help="bench_mobike.py --moves per client (default 20, quick 6)")
     p.add_argument("--gate-seconds", type=float, help="bench_gate.py --seconds (default 2)")
     p.add_argument("--gate-rounds", type=int, help="bench_gate.py --rounds (default 5, quick 3)")
     p.add_argument("--ha-sizes", type=_csv(int), help="bindings (default 1000,10000,100000; quick 1000,10000)")
@@ -85,6 +88,7 @@ def _defaults(a) -> None:
     a.rounds = a.rounds or (3 if q else 20)
     a.goodput_seconds = a.goodput_seconds or (5.0 if q else 10.0)
     a.goodput_rounds = a.goodput_rounds or (1 if q else 2)
+    a.mobike_moves = a.mobike_moves or (6 if q else 20)
     a.gate_seconds = a.gate_seconds or 2.0
     a.gate_rounds = a.gate_rounds or (3 if q else 5)
     a.ha_sizes = a.ha_sizes or ([1000, 10000] if q else [1000, 10000, 100000])
@@ -111,7 +115,7 @@ def _forward_args(a, parts: list[str], ha_backends: list[str] | None, keep_logs:
             "--rtts", ",".join(map(str, a.rtts)), "--cycle", ",".join(a.cycle),
             "--detection", ",".join(map(str, a.detection)),
             "--goodput-seconds", str(a.goodput_seconds), "--goodput-rounds", str(a.goodput_rounds),
-            "--gate-seconds", str(a.gate_seconds), "--gate-rounds", str(a.gate_rounds),
+            "--mobike-moves", str(a.mobike_moves), "--gate-seconds", str(a.gate_seconds), "--gate-rounds", str(a.gate_rounds),
             "--ha-sizes", ",".join(map(str, a.ha_sizes)), "--ipip-max-tunnels", str(a.ipip_max_tunnels),
             "--idle-seconds", str(a.idle_seconds), "--settle", str(a.settle),
             "--probe-interval", str(a.probe_interval), "--poll", str(a.poll), "--testbed-id", a.testbed_id]
@@ -148,6 +152,9 @@ def run_here(a, parts: list[str], ha_backends: list[str] | None, log) -> dict:
         if res.get("agent_resources") or "handover" in parts:
             out["parts"]["agent_resources"] = res.get("agent_resources") or \
                 {"not_measured": res.get("error") or "did not run"}
+    if "mobike" in parts:
+        from .hostparts import run_mobike
+        out["parts"]["mobike"] = run_mobike(a.mobike_moves, log)
     if "gate" in parts:
         from .hostparts import run_gate
         out["parts"]["gate"] = run_gate(a.gate_seconds, a.gate_rounds, 100_000 if a.quick else 1_000_000, log)
@@ -215,8 +222,8 @@ def run(a) -> int:
     elif a.where == "vm":
         here_parts, vm_parts = [], list(a.parts)
     else:
-        here_parts = [p for p in a.parts if p not in KERNEL_PARTS]
-        vm_parts = [p for p in a.parts if p in KERNEL_PARTS]
+        here_parts = [p for p in a.parts if p not in VM_PARTS]
+        vm_parts = [p for p in a.parts if p in VM_PARTS]
     host_ha = vm_ha = a.ha_backends
     if "ha" in a.parts and a.where == "auto" and not host_caps["ipip"] and not env.in_vm():
         wanted = a.ha_backends or ["engine", "bpf", "ipip"]

@@ -3,6 +3,8 @@
 * gate: ``scripts/bench_gate.py`` runs as it is (its own namespaces, iperf3
   UDP through a veth, configurations alternating within the run); its
   printed table is parsed into numbers and kept verbatim in the report.
+* mobike: ``scripts/bench_mobike.py --json``: our VPN client alone next to
+  strongSwan's client, address change -> the gateway updated the SA.
 * ha: ``run_one(backend, n, ipip_max)`` of ``scripts/bench_ha.py``, one fresh
   Python process per (backend, size) so resident-set growth per binding is
   not blurred by what an earlier size left in the heap.
@@ -22,6 +24,7 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parents[2]
 GATE_SCRIPT = TOP / "scripts" / "bench_gate.py"
 HA_SCRIPT = TOP / "scripts" / "bench_ha.py"
+MOBIKE_SCRIPT = TOP / "scripts" / "bench_mobike.py"
 
 
 # -- gate ------------------------------------------------------------------------------------------
@@ -129,3 +132,21 @@ def run_ha(backends: list[str], sizes: list[int], ipip_max: int, log, timeout: f
     if errors:
         out["errors"] = errors
     return out
+
+
+# -- MOBIKE alone ----------------------------------------------------------------------------------
+def run_mobike(moves: int, log, timeout: float = 3600) -> dict:
+    if not MOBIKE_SCRIPT.exists():
+        return {"not_measured": f"{MOBIKE_SCRIPT} is missing"}
+    argv = [sys.executable, str(MOBIKE_SCRIPT), "--moves", str(moves), "--json"]
+    log(f"mobike: {' '.join(argv[1:])}")
+    t0 = time.monotonic()
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=TOP, timeout=timeout)
+    try:
+        res = json.loads(p.stdout[p.stdout.index("{"):])
+    except ValueError:
+        return {"not_measured": f"bench_mobike.py exit {p.returncode}: {(p.stderr or p.stdout).strip()[-600:]}"}
+    res.update(command=" ".join(["python", *argv[1:]]), elapsed_s=round(time.monotonic() - t0, 1))
+    log(f"  mobike ({res.get('backend')} ESP): ours median {res.get('ours_median_ms')} ms, strongSwan "
+        f"{res.get('strongswan_median_ms')} ms, strongSwan/ours {res.get('ratio_strongswan_over_ours')}x")
+    return res

@@ -45,6 +45,12 @@ def _p95(row: dict | None, field: str):
     return row[field].get("p95")
 
 
+def _median(vals: list[float]) -> float:
+    v = sorted(vals)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def _row(summary: list[dict], transition: str) -> dict | None:
     return next((r for r in summary if r["transition"] == transition), None)
 
@@ -87,36 +93,38 @@ def goals(res: dict) -> list[dict]:
             g.update(_nm("no first echo measured on both sides: " + "; ".join(missing)))
     out.append(g)
 
-    # 2. MOBIKE-only moves within 1 RTT + 20 ms of the address becoming usable
-    g = {"goal": "MOBIKE-only moves: MOBIKE update answered within 1 RTT + 20 ms of the new address being usable "
-                 "(lease -> update answered, median)", "target": "<= RTT + 20 ms"}
-    if "not_measured" in h or not h.get("rtts"):
-        g.update(_nm(h.get("not_measured") or "the handover part did not run"))
+    # 2. MOBIKE-only moves within 1 RTT + 20 ms of the address becoming usable: the agent in the testbed
+    #    (lease -> its update answered, per added RTT); the VPN client alone (bench_mobike) as a second view
+    g = {"goal": "MOBIKE-only moves: the MOBIKE update done within 1 RTT + 20 ms of the new address being usable "
+                 "(agent: lease -> update answered, median)", "target": "<= RTT + 20 ms"}
+    per, missing = {}, []
+    for rtt, a in (h.get("rtts") or {}).items():
+        rtt_ms = a.get("rtt_to_gateway_ms")
+        moves = [m for m in a["moves"] if m.get("mobike_only") and m.get("lease_to_mobike") is not None]
+        if not moves:
+            missing.append(f"+{rtt} ms: no MOBIKE-only move completed")
+            continue
+        vals = sorted(m["lease_to_mobike"] for m in moves)
+        bound = (rtt_ms if rtt_ms is not None else float(rtt)) + 20
+        exch = sorted(m["mobike_rtt_ms"] for m in moves if m.get("mobike_rtt_ms") is not None)
+        per[f"+{rtt} ms"] = {"median_ms": round(_median(vals), 1), "max_ms": vals[-1], "n": len(vals),
+                             "exchange_median_ms": _median(exch) if exch else None,
+                             "rtt_ms": rtt_ms, "bound_ms": round(bound, 1), "ok": _median(vals) <= bound}
+    details = [f"{k}: {v['median_ms']} ms vs {v['bound_ms']} ms (the exchange itself {v['exchange_median_ms']} ms, "
+               f"n={v['n']})" for k, v in per.items()] + missing
+    mb = parts.get("mobike") or {}
+    if mb.get("ours_median_ms") is not None:
+        details.append(f"VPN client alone (bench_mobike, {mb.get('backend')} ESP, veth RTT): address change -> "
+                       f"gateway SA updated {mb['ours_median_ms']} ms median vs strongSwan's client "
+                       f"{mb.get('strongswan_median_ms')} ms")
+    if per:
+        g.update(status="met" if all(v["ok"] for v in per.values()) else "not met", per=per,
+                 detail="; ".join(details))
+    elif mb.get("ours_median_ms") is not None:
+        g.update(status="met" if mb["ours_median_ms"] <= 20 else "not met",
+                 detail="judged on the VPN client alone (the agent's moves were not measured): " + "; ".join(details))
     else:
-        per, missing = {}, []
-        for rtt, a in h["rtts"].items():
-            rtt_ms = a.get("rtt_to_gateway_ms")
-            moves = [m for m in a["moves"] if m.get("mobike_only") and m.get("lease_to_mobike") is not None]
-            if not moves:
-                missing.append(f"+{rtt} ms: no MOBIKE-only move completed")
-                continue
-            vals = sorted(m["lease_to_mobike"] for m in moves)
-            med = vals[len(vals) // 2] if len(vals) % 2 else (vals[len(vals) // 2 - 1] + vals[len(vals) // 2]) / 2
-            bound = (rtt_ms if rtt_ms is not None else float(rtt)) + 20
-            ready = [m["ready"] - m["lease"] for m in moves if m.get("ready") is not None and m.get("lease") is not None]
-            exch = sorted(m["mobike_rtt_ms"] for m in moves if m.get("mobike_rtt_ms") is not None)
-            per[f"+{rtt} ms"] = {"median_ms": round(med, 1), "max_ms": vals[-1], "n": len(vals),
-                                 "exchange_median_ms": exch[len(exch) // 2] if exch else None,
-                                 "rtt_ms": rtt_ms, "bound_ms": round(bound, 1), "ok": med <= bound,
-                                 "lease_to_ready_median_ms": round(sorted(ready)[len(ready) // 2], 1) if ready else None}
-        if per:
-            ok = all(v["ok"] for v in per.values())
-            g.update(status="met" if ok else "not met", per=per,
-                     detail="; ".join(f"{k}: {v['median_ms']} ms vs {v['bound_ms']} ms (the exchange itself "
-                                      f"{v['exchange_median_ms']} ms)" for k, v in per.items())
-                     + (f"; {'; '.join(missing)}" if missing else ""))
-        else:
-            g.update(_nm("; ".join(missing)))
+        g.update(_nm("; ".join(details) or h.get("not_measured") or "the handover part did not run"))
     out.append(g)
 
     # 3. goodput
@@ -310,6 +318,26 @@ def markdown(res: dict) -> str:
           f"ratio {_f(round(gp['ratio'], 3) if gp.get('ratio') is not None else None)}.")
         if gp.get("not_measured"):
             A(f"Not measured: {gp['not_measured']}.")
+    A("")
+
+    mb = parts.get("mobike")
+    A("## MOBIKE alone: our VPN client next to strongSwan's")
+    A("")
+    if not mb or mb.get("ours_median_ms") is None:
+        A(f"Not measured: {(mb or {}).get('not_measured', 'the part did not run')}.")
+    else:
+        A(f"`scripts/bench_mobike.py` ({mb.get('backend')} ESP, {mb.get('moves')} moves per client between a direct "
+          "and a routed path, no DHCP, no detection): from the address change to the gateway's log saying it "
+          f"updated the SA ({mb.get('resolution_ms')} ms resolution). Ran on: {mb.get('ran_on')}.")
+        A("")
+        A("| client | median ms | moves (ms) |")
+        A("|---|---|---|")
+        A(f"| mipmobike (agent.mn.vpn, told at once) | {mb['ours_median_ms']} | {', '.join(map(str, mb.get('ours_ms', [])))} |")
+        A(f"| strongSwan's client (kernel address events) | {mb['strongswan_median_ms']} "
+          f"| {', '.join(map(str, mb.get('strongswan_ms', [])))} |")
+        A("")
+        A(f"strongSwan / mipmobike: {'≥ ' if mb.get('ratio_is_lower_bound') else ''}"
+          f"{mb.get('ratio_strongswan_over_ours')}×.")
     A("")
 
     gt = parts.get("gate")
