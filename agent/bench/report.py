@@ -281,7 +281,8 @@ def markdown(res: dict) -> str:
         A(f"Not measured: {(ar or {}).get('not_measured', 'the part did not run')}.")
     else:
         A("The mobile node agent's process (/proc/PID/stat utime+stime, status VmRSS/VmHWM); CPU in percent "
-          f"of one CPU. Ran on: {ar.get('ran_on')}.")
+          "of one CPU; during the moves it includes answering the bench's status request every "
+          f"{res.get('meta', {}).get('options', {}).get('poll', 0.5)} s. Ran on: {ar.get('ran_on')}.")
         A("")
         A("| phase | seconds | CPU % | CPU ms per handover | RSS MB | peak RSS MB |")
         A("|---|---|---|---|---|---|")
