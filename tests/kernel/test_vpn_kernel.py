@@ -38,6 +38,24 @@ def diag(lab) -> str:
     return "\n".join(out)
 
 
+def gw_timeline(lab, w0: float) -> str:
+    """Milliseconds after ``w0`` of the gateway's MOBIKE steps (its log clock is ours)."""
+    import datetime
+    base = datetime.datetime.fromtimestamp(w0)
+    sod0 = base.hour * 3600 + base.minute * 60 + base.second + base.microsecond / 1e6
+    marks = []
+    for pat, name in ((r"received packet: from \S+ to \S+ \(176", "update in"), (r"updating SAD entry", "SA"),
+                      (r"generating INFORMATIONAL response", "answer")):
+        for line in lab.gw.log_text().splitlines():
+            m = re.match(r"(\d\d):(\d\d):(\d\d\.\d+) .*" + pat, line)
+            if m:
+                t = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3)) - sod0
+                if t >= 0:
+                    marks.append(f"{name} +{t * 1000:.0f}")
+                    break
+    return ", ".join(marks)
+
+
 def ping_from(lab, tia, count: int, interval: float = 0.1) -> subprocess.Popen:
     return subprocess.Popen(["ip", "netns", "exec", lab.client.name, "ping", "-n", "-c", str(count), "-i",
                              str(interval), "-W", "1", "-I", str(tia), INSIDE],
@@ -82,17 +100,22 @@ def test_vpn_kernel_esp_ping_move_same_spis_nat(roam, tmp_path):
             await asyncio.sleep(1.5)
             new_if, new_cidr, router = lab.paths["routed"]
             addr = new_cidr.split("/")[0]
-            t0 = time.monotonic()
-            k.del_address(lab.client_if, lab.client_addr, 24)
+            # the node has its address on the new link (the daemon calls update() when the lease comes)
+            # as the old link goes away: from then on only the VPN's move counts
             k.add_address(new_if, addr, 24)
             k.add_route("0.0.0.0/0", gateway=router, dev=new_if)
+            t0, w0 = time.monotonic(), time.time()
+            k.del_address(lab.client_if, lab.client_addr, 24)
             lab.at = "routed"
+            w1 = time.time()
             await vpn.update(new_if, addr)
             t_update = time.monotonic() - t0
             out = (await asyncio.to_thread(ping.communicate, timeout=60))[0]
             sent, got = received(out)
-            print(f"move: {sent - got} of {sent} pings lost, vpn.update() returned {t_update * 1000:.0f} ms "
-                  "after the old address was removed")
+            moves = [round((t - w0) * 1000) for t, what, _ in ins.ops if what == "move" and t >= w0]
+            print(f"move: {sent - got} of {sent} pings lost; after the old address was removed: "
+                  f"update() called +{(w1 - w0) * 1000:.0f} ms, SAs migrated +{moves} ms, vpn.update() returned "
+                  f"+{t_update * 1000:.0f} ms; gateway: {gw_timeline(lab, w0)}")
             assert sent - got <= 1, (f"{sent - got} pings lost across the move (update took {t_update:.3f} s):\n{out}"
                                      + diag(lab))
             sas = await wait_gw(lab, lambda s: gw_remote(s) == f"{addr}[4500]")
