@@ -159,7 +159,7 @@ class Demo:
                     r.start_flow()
                     if not self.args.no_capture:      # tcpdump needs the switch port up: from now on
                         r.start_capture()
-                    say(f"      traffic: UDP echo {r.flow.rate:g}/s and a TCP stream "
+                    say(f"     traffic starts: UDP echo {r.flow.rate:g}/s and a TCP stream "
                         f"{r.flow.tcp_local[0]}:{r.flow.tcp_local[1]} -> {tb.addr.cn}:{r.flow.tcp_port}")
                 else:
                     if step.mode is not None:
@@ -208,9 +208,12 @@ class Demo:
     # -- output --------------------------------------------------------------------------------------
     def _header(self) -> None:
         say()
-        say(f"  {'#':<2} {'move':<26} {'verdict':<10} {'mode':<5} {'verdict':>8} {'ready':>7} "
-            f"{'echo lost':>9} {'outage':>7}  access link before ready")
-        say(f"  {'':<2} {'':<26} {'':<10} {'':<5} {'after':>8} {'after':>7} {'':>9} {'':>7}")
+        say("  t(verdict), t(ready): from the link coming up to the trust verdict and to the new mode's data path")
+        say("  lost: echoes lost from the detach until echo and TCP both flow again; outage: longest time without")
+        say("  an answered echo; last column: what the node sent on the access link before its data path was ready")
+        say()
+        say(f"  {'#':<2} {'move':<26} {'verdict':<10} {'mode':<5} {'t(verdict)':>10} {'t(ready)':>8} "
+            f"{'lost':>5} {'outage':>7}  access link before ready")
 
     def _row(self, i: int, step, want: str, note: str, prev_mode) -> None:
         h = step.handover or {}
@@ -228,7 +231,7 @@ class Demo:
             link = f"LEAKED {len(step.leaks)} of {step.frames} frames"
         else:
             link = f"detection only ({step.frames} frames)"
-        say(f"  {i:<2} {move:<26} {verdict:<10} {mode:<5} {_s(ms_v):>8} {_s(ms_r):>7} {lost:>9} {outage:>7}  {link}")
+        say(f"  {i:<2} {move:<26} {verdict:<10} {mode:<5} {_s(ms_v):>10} {_s(ms_r):>8} {lost:>5} {outage:>7}  {link}")
         detail = h.get("reason") or "no handover seen"
         extra = []
         if h.get("coa"):

@@ -302,7 +302,7 @@ class Flow:
         prev = next((sent[s] for s in range(lo - 1, max(-1, lo - 400), -1) if s in answered), None)
         nxt = next((sent[s] for s in range(hi, len(sent)) if s in answered), None)
         seq = ([prev] if prev is not None else []) + ok + ([nxt] if nxt is not None else [])
-        if prev is not None and nxt is not None:
+        if prev is not None and len(seq) >= 2:
             w.outage = max(b - a for a, b in zip(seq, seq[1:]))
         w.tcp_bytes = _bytes_at(rx, t1) - _bytes_at(rx, t0)
         return w
