@@ -135,6 +135,9 @@ class Demo:
         if not self.vpn:
             say("  note: this build has no VPN client (agent/mn/vpn.py): untrusted links will stay closed")
         tb = Testbed(self.args.id, agents="require")
+        if tb.existing_namespaces() or tb.state_file.exists():
+            say(f"  testbed {tb.id} from an earlier run is still there: removing it first")
+            Testbed.load(tb.id).down() if tb.state_file.exists() else tb.down()
         r = None
         t_start = time.monotonic()
         try:

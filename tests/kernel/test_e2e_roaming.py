@@ -272,7 +272,11 @@ def test_c_behind_enterprise_nat_rfc3519(roam):
     assert r.status()["binding"]["udp_tunnel"] is True
     r.settle(step, timeout=25)
     check_detection_only(r, step)
-    assert step.t_recovered is not None, _fail(
-        r, f"no traffic within 25 s of the handover to internal-3, though the i-HA agreed to RFC 3519 UDP "
-           f"tunnelling via {b['source']}: does the node's data path send and take UDP tunnel data? {step.flow}")
+    if step.t_recovered is None:
+        ha = r.ha_status()
+        pytest.fail(_fail(
+            r, f"no traffic within 25 s of the handover to internal-3, though the i-HA agreed to RFC 3519 UDP "
+               f"tunnelling via {b['source']}: does the node's data path send and take UDP tunnel data? {step.flow}\n"
+               f"i-HA: tunnel data in {ha['counters']['tunnel_data_in']}, out {ha['counters']['tunnel_data_out']}, "
+               f"udp tunnel {ha['udp_tunnel']}; node: mip counters {r.status()['mip_counters']}"))
     check_flow(r, step)
