@@ -199,7 +199,8 @@ class AsyncIkeDriver:
 
     async def delete(self, timeout: float = 3.0) -> None:
         """Delete the IKE SA at the gateway (waits up to ``timeout`` for its
-        answer) and remove every kernel object of it."""
+        answer) and remove every kernel object of it (held policies and the
+        TIA included)."""
         conn = self.conn
         if conn is not None and conn.state not in (State.CLOSED, State.IDLE):
             fut = self._waiter(lambda e: isinstance(e, IkeSaDeleted))
@@ -215,13 +216,13 @@ class AsyncIkeDriver:
 
     def abort(self) -> None:
         """Give up the current connection now (a Delete goes out if the
-        gateway may hold the SA) and remove its kernel state."""
+        gateway may hold the SA). Its SAs go; its policies stay held (traffic
+        they cover is dropped, not sent in the clear) until a new CHILD SA
+        takes them over or :meth:`delete` removes everything."""
         conn = self.conn
         if conn is not None and conn.state is not State.CLOSED:
             conn.abort(self.now())
             self._service()
-        with contextlib.suppress(Exception):
-            self.installer.remove_all()
 
     def _require(self) -> IkeConnection:
         if self.conn is None or self.conn.state is not State.ESTABLISHED:
@@ -323,7 +324,8 @@ class AsyncIkeDriver:
                 if ev.tia is not None:
                     ins.set_tia(ev.tia)
             elif isinstance(ev, ChildSaDeleted):
-                ins.remove(ev.child_id)
+                # lost with its IKE SA or deleted by the gateway: keep the policies, fail closed
+                ins.remove(ev.child_id, hold=ev.by in ("ike", "peer"))
             elif isinstance(ev, MobikeStarted):
                 # ESP follows IKE to the new address at once (same SPIs, encapsulation as it was)
                 encap = _encap(conn)
@@ -333,7 +335,7 @@ class AsyncIkeDriver:
                          (ev.local_addr[1], ev.remote_addr[1]) if ev.encap else None)
             elif isinstance(ev, IkeSaDeleted):
                 for cid in list(getattr(ins, "children", {})):
-                    ins.remove(cid)
+                    ins.remove(cid, hold=True)
         except InstallError as e:
             log.error("%s: %s", self.name, e)
             self._dispatch(ev)

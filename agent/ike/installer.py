@@ -12,7 +12,10 @@ synchronous (NETLINK_XFRM answers inside the request) and raises
   rekeyed CHILD SA gets its SA pair next to the old one under the same reqid
   (the policies stay); a MOBIKE move migrates SAs and policies in place (same
   SPIs); inbound SPIs come from the kernel (XFRM_MSG_ALLOCSPI). The TIA is put
-  on ``lo`` as /32. Everything carries reqids from :func:`vpn_owner`, so a
+  on ``lo`` as /32. When an SA is lost (not deleted by us), its policies are
+  *held* without SAs: traffic from the TIA is then dropped by the kernel
+  instead of leaving in the clear, until a new CHILD SA takes the policies
+  over (``install``) or everything is removed (``remove_all``). Everything carries reqids from :func:`vpn_owner`, so a
   start after a crash removes what a predecessor left (``reconcile``).
 - :class:`RecordingInstaller`: keeps the same model in memory and a log of
   the calls, for hosts whose kernel cannot hold ESP SAs (the netns tier).
@@ -64,6 +67,7 @@ class BaseInstaller:
         self.children: dict[int, InstalledChild] = {}
         self.tia: ipaddress.IPv4Address | None = None
         self._lineage: dict[int, int] = {}         # child_id -> reqid
+        self.held: list = []                       # policies kept without SAs after a loss (fail closed)
         self.ops: list[tuple] = []                 # (time, operation, detail) of every change
 
     def _op(self, what: str, **detail) -> None:
@@ -115,14 +119,24 @@ class RecordingInstaller(BaseInstaller):
         c = self._describe(ev, reqid)
         self.children[c.child_id] = c
         self._lineage[c.child_id] = reqid
-        self._op("install" if first else "install_rekeyed", child=c)
+        self._op("install" if first else "install_rekeyed", child=c, over_held=bool(first and self.held))
+        if first:
+            self.held = []
         return c
 
-    def remove(self, child_id: int) -> None:
+    def remove(self, child_id: int, hold: bool = False) -> None:
         c = self.children.pop(child_id, None)
         self._lineage.pop(child_id, None)
         if c is not None:
-            self._op("remove", child=c)
+            last = not any(o.reqid == c.reqid for o in self.children.values())
+            if hold and last:
+                self.held.append((c.local_nets, c.remote_nets))
+            self._op("remove", child=c, held=hold and last)
+
+    def release_held(self) -> None:
+        if self.held:
+            self._op("release_held", policies=list(self.held))
+            self.held = []
 
     def move(self, local: str, remote: str, encap: tuple[int, int] | None) -> None:
         for c in self.children.values():
@@ -138,6 +152,7 @@ class RecordingInstaller(BaseInstaller):
     def remove_all(self) -> None:
         for cid in list(self.children):
             self.remove(cid)
+        self.release_held()
         self.set_tia(None)
 
 
@@ -234,7 +249,9 @@ class XfrmInstaller(BaseInstaller):
         c = self._describe(ev, reqid)
         bundle = self._bundle(ev, c)
         try:
-            if first:
+            if first and self.held:
+                self._install_over_held(bundle)
+            elif first:
                 self._x.install(bundle)
             else:
                 added = []
@@ -255,23 +272,62 @@ class XfrmInstaller(BaseInstaller):
         self._op("install" if first else "install_rekeyed", child=c)
         return c
 
-    def remove(self, child_id: int) -> None:
-        """Remove a CHILD SA's SAs; its policies go with the last SA pair of its reqid."""
+    def _install_over_held(self, bundle) -> None:
+        """A new CHILD SA takes over the policies a lost one left: SAs first,
+        then each policy replaced in place (no moment without a policy)."""
+        added = []
+        try:
+            for sa in bundle.sas:
+                self._x.add_sa(sa)
+                added.append(sa)
+            held = {(p.selector, p.dir): p for p in self.held}
+            for pol in bundle.policies:
+                if held.pop((pol.selector, pol.dir), None) is not None:
+                    self._x.update_policy(pol)
+                else:
+                    self._x.add_policy(pol)
+        except BaseException:
+            for sa in added:
+                self._x.delete_sa(sa, missing_ok=True)
+            raise
+        for pol in held.values():           # selectors of the old TIA
+            self._x.delete_policy(pol, missing_ok=True)
+        self.held = []
+
+    def remove(self, child_id: int, hold: bool = False) -> None:
+        """Remove a CHILD SA's SAs; its policies go with the last SA pair of its
+        reqid, or stay (``hold``: the SA was lost, traffic must not leak)."""
         c = self.children.pop(child_id, None)
         self._lineage.pop(child_id, None)
         if c is None:
             return
         heir = next((o for o in self.children.values() if o.reqid == c.reqid), None)
         b = c.bundle
+        held = False
         try:
             if heir is not None and b.policies:
                 heir.bundle = self._xfrm.Bundle(heir.bundle.outbound, heir.bundle.inbound, b.policies)
                 self._x.remove(self._xfrm.Bundle(b.outbound, b.inbound, ()))
+            elif hold and b.policies:
+                self._x.remove(self._xfrm.Bundle(b.outbound, b.inbound, ()))
+                self.held.extend(b.policies)
+                held = True
             else:
                 self._x.remove(b)
         except self._xfrm.XfrmError as e:
             log.warning("removing CHILD SA %08x: %s", c.spi_in, e)
-        self._op("remove", child=c)
+        self._op("remove", child=c, held=held)
+
+    def release_held(self) -> None:
+        """Remove the policies a lost SA left."""
+        for pol in self.held:
+            try:
+                self._x.delete_policy(pol, missing_ok=True)
+            except self._xfrm.XfrmError as e:
+                log.warning("removing held policy %s: %s", pol, e)
+        if self.held:
+            self._op("release_held", policies=len(self.held))
+        self.held = []
 
     def move(self, local: str, remote: str, encap: tuple[int, int] | None) -> None:
         """MOBIKE: migrate every CHILD SA (same SPIs) to new outer addresses /
@@ -326,9 +382,10 @@ class XfrmInstaller(BaseInstaller):
     def remove_all(self) -> None:
         for cid in list(self.children):
             self.remove(cid)
-        self.set_tia(None)
         if self._x is not None:
+            self.release_held()
             self._x.flush_owned()
+        self.set_tia(None)
 
 
 def vpn_owner():

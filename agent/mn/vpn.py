@@ -25,7 +25,9 @@ of ``mipmobike status``. ``vpn.on_event`` (optional) is called with a
 stopped answering, deleted or lost our SA), ``reestablished`` (a new IKE SA
 after a loss; ``tia`` may differ), ``tia_changed``, ``address_updated``,
 ``rekeyed``, ``failed`` (re-establishment keeps failing; retried with
-back-off).
+back-off). While an SA is lost, its policies stay in the kernel without SAs
+(and the TIA on ``lo``): traffic from the TIA is dropped, never sent in the
+clear, until the new SA takes over.
 
 Only the configured additional addresses are ever announced to the gateway
 (NO_ADDITIONAL_ADDRESSES otherwise): the home address and tunnel devices
@@ -204,6 +206,7 @@ class Vpn:
             })
         if drv is not None:
             st["kernel"] = {"installer": type(drv.installer).__name__,
+                            "held_policies": len(drv.installer.held),     # fail closed while the SA is down
                             "sas": [{"spi_in": f"{c.spi_in:08x}", "spi_out": f"{c.spi_out:08x}", "local": c.local,
                                      "remote": c.remote, "encap": list(c.encap) if c.encap else None,
                                      "reqid": f"{c.reqid:#x}"} for c in drv.installer.children.values()],

@@ -261,6 +261,10 @@ def test_dpd_rekeys_both_ways_and_gateway_restart(gateway_lab, tmp_path):
             sas = await wait_gw(lab, lambda s: "INSTALLED" in s)
             assert f"{vpn.driver.conn.spi_i.hex()}_i" in sas
             assert len(ins.children) == 1 and ins.tia == vpn.tia
+            # while the SA was lost its policies were held (fail closed); the new SA took them over
+            held = [op for op in ins.ops if op[1] == "remove" and op[2]["held"]]
+            over = [op for op in ins.ops if op[1] == "install" and op[2]["over_held"]]
+            assert held and over and held[-1][0] <= over[-1][0] and not ins.held
             assert [e.kind for e in lost] == kinds(vpn)[:len(lost)]
         finally:
             await vpn.stop()
