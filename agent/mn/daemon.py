@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field
 from agent.control import ControlServer
 from agent.mip.auth import SecurityAssociation
 from agent.mip.constants import AdvFlag
-from agent.mip.mn import (AgentAdvertised, Denied, Deregistered, MnConfig as EngineConfig, MobileNode,
-                          Registered, RegistrationExpired, TimedOut)
+from agent.mip.mn import (AgentAdvertised, Denied, Deregistered, MnConfig as EngineConfig, MnTunnelPacket,
+                          MobileNode, Registered, RegistrationExpired, TimedOut)
 from agent.netlink_events import AddrEvent, LinkEvent, LinkWatcher
 
 from .config import MnConfig
@@ -70,6 +70,25 @@ class Handover:
         return d
 
 
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _echo_request(src, dst, seq: int) -> bytes:
+    """An IPv4 ICMP echo request (the RFC 3519 keepalive through the tunnel)."""
+    icmp = bytearray(b"\x08\x00\x00\x00" + (0x6d6d).to_bytes(2, "big") + seq.to_bytes(2, "big") + b"mipmobike")
+    icmp[2:4] = _checksum(bytes(icmp)).to_bytes(2, "big")
+    hdr = bytearray(b"\x45\x00" + (20 + len(icmp)).to_bytes(2, "big") + b"\x00\x00\x40\x00\x40\x01\x00\x00"
+                    + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed)
+    hdr[10:12] = _checksum(bytes(hdr)).to_bytes(2, "big")
+    return bytes(hdr + icmp)
+
+
 def sd_notify(state: str) -> None:
     """systemd readiness (Type=notify); a no-op outside systemd."""
     path = os.environ.get("NOTIFY_SOCKET")
@@ -102,6 +121,8 @@ class MobileNodeAgent:
         self.lease = None
         self.fa: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None   # (agent, care-of address)
         self.dhcp: Dhcp | None = None      # the current link's client (keeps renewing its lease)
+        self._udp_tun = None               # RFC 3519: the TUN device whose packets we tunnel
+        self._keepalive: asyncio.Task | None = None
         self.timeline: list[Handover] = []
         self.counters: dict[str, int] = {"handovers": 0, "forged_or_unmatched_replies": 0}
         self._task: asyncio.Task | None = None
@@ -114,6 +135,12 @@ class MobileNodeAgent:
 
     # -- MIP engine events ---------------------------------------------------------------------
     def _on_mip(self, ev) -> None:
+        if isinstance(ev, MnTunnelPacket):
+            tun = self.datapath.tun if self.datapath is not None else None
+            if tun is not None and ev.next_header == 4:
+                with contextlib.suppress(OSError):
+                    tun.write(ev.payload)
+            return
         if isinstance(ev, AgentAdvertised):
             adv = ev.advertisement
             if adv.flags & AdvFlag.F and adv.care_of_addresses:
@@ -212,6 +239,7 @@ class MobileNodeAgent:
         self.trusted = None
         previous_mode = self.mode
         self.fa = None
+        self._stop_udp_tunnel()
         if previous_mode != "mc":
             # a binding through the old link (its CoA, its FA) is stale; only the TIA's survives a move
             mip.cancel()
@@ -244,7 +272,7 @@ class MobileNodeAgent:
         if isinstance(result, Registered) and result.tnc:
             h.verdict, h.reason = "trusted", "authenticated reply with TNC"
             self.trusted = True
-            await self._trusted(h, lease, vpn_task)
+            await self._trusted(h, lease, vpn_task, result)
         else:
             h.verdict = "untrusted"
             h.reason = {Registered: "authenticated reply without TNC", TimedOut: "no reply from the i-HA",
@@ -274,7 +302,7 @@ class MobileNodeAgent:
         if self.gate is not None:
             self.gate.open(h.ifname)
 
-    async def _trusted(self, h: Handover, lease, vpn_task) -> None:
+    async def _trusted(self, h: Handover, lease, vpn_task, detection: Registered) -> None:
         mode = "c"
         if self.cfg.use_fa:
             if self.fa is None:
@@ -292,8 +320,15 @@ class MobileNodeAgent:
                 else:
                     h.reason += f"; registration through the FA failed ({type(res).__name__}), mode c"
                     res = await self._registration(lambda: self.mip.register(lease.ip))
+                    if isinstance(res, Registered):
+                        detection = res
         if mode == "c":
-            self.datapath.mode_c(lease.ip)
+            if detection.binding.udp_tunnel:
+                # RFC 3519: the i-HA saw a NAT between us; data rides the registration's UDP flow
+                h.reason += f"; NAT detected by the i-HA: UDP tunnelling (keepalive {detection.binding.keepalive} s)"
+                self._start_udp_tunnel(self.datapath.mode_c_udp(lease.ip), detection.binding.keepalive)
+            else:
+                self.datapath.mode_c(lease.ip)
         self.mode = h.mode = mode
         if vpn_task is not None:
             if self.cfg.vpn.keep_ike_when_trusted:
@@ -356,6 +391,42 @@ class MobileNodeAgent:
         except Exception as e:
             log.exception("re-registration after VPN recovery failed")
             h.verdict, h.reason = "failed", f"{type(e).__name__}: {e}"
+
+    # -- RFC 3519 UDP tunnel (mode c behind a NAT) -----------------------------------------------
+    def _start_udp_tunnel(self, tun, keepalive: int | None) -> None:
+        self._stop_udp_tunnel()
+        if tun is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.add_reader(tun.fileno(), self._tun_readable, tun)
+        self._udp_tun = tun
+        self._keepalive = loop.create_task(self._udp_keepalive(max(5, int(keepalive or 110)) * 0.8))
+
+    def _stop_udp_tunnel(self) -> None:
+        tun, self._udp_tun = self._udp_tun, None
+        if tun is not None and tun.fd >= 0:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(tun.fileno())
+        ka, self._keepalive = self._keepalive, None
+        if ka is not None:
+            ka.cancel()
+
+    def _tun_readable(self, tun) -> None:
+        for _ in range(64):
+            pkt = tun.read()
+            if pkt is None:
+                break
+            self.engine.send_tunnel_data(pkt)
+        self.mip.flush()
+
+    async def _udp_keepalive(self, interval: float) -> None:
+        """Keep the NAT's mapping alive: an ICMP echo to the i-HA through the UDP tunnel."""
+        seq = 0
+        while True:
+            await asyncio.sleep(interval)
+            seq = (seq + 1) & 0xFFFF
+            self.engine.send_tunnel_data(_echo_request(self.cfg.home_address, self.cfg.home_agent, seq))
+            self.mip.flush()
 
     def _gateways(self) -> list:
         return [self.cfg.vpn.gateway] if self.cfg.vpn else []
@@ -446,6 +517,7 @@ class MobileNodeAgent:
             with contextlib.suppress(Exception):
                 await self.vpn.stop()
         await self._drop_dhcp(send_release=True)
+        self._stop_udp_tunnel()
         if self.mip is not None:
             self.mip.close()
         if self.datapath is not None:

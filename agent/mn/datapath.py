@@ -13,6 +13,10 @@ Mobile IP tunnel, the home address and the default route.
 * ``mode_mc(tia)``: the same tunnel from the VPN's inner address; its outer
   packets (TIA -> i-HA) match the CHILD SA's policy, so the Mobile IP tunnel
   rides inside IPsec. MTU leaves room for ESP (and NAT-T), TCP MSS clamped.
+* ``mode_c_udp(coa)``: RFC 3519 behind a NAT: the home address on a TUN device
+  the default route goes into; the agent carries what the device emits to the
+  i-HA as UDP tunnel data messages on the registration flow (``tun`` is the
+  device, None in the other modes).
 * ``mode_f(fa)``: no tunnel on the node: the home address on the access link,
   the foreign agent as default router; the FA reverse-tunnels to the i-HA.
 * ``home(lease)``: the home address on the home link itself.
@@ -29,12 +33,14 @@ import ipaddress
 import logging
 import subprocess
 
-from agent.kernel import Kernel, KernelError
+from agent.kernel import Kernel, KernelError, TunDevice
 
 log = logging.getLogger("mipmobike.mn.datapath")
 
 TUNNEL = "mip0"
+UDP_TUNNEL = "mipu0"
 IPIP_OVERHEAD = 20
+UDP_TUNNEL_OVERHEAD = 20 + 8 + 4          # outer IP, UDP, the type-4 message header
 # ESP tunnel mode with NAT-T, worst case of our suites: outer IP 20 + UDP 8 + ESP hdr 8 + IV 16
 # + pad up to 15 + pad len/next hdr 2 + ICV 16 = 85, rounded up
 ESP_OVERHEAD = 88
@@ -56,6 +62,7 @@ class Datapath:
         self.mode: str | None = None
         self.tia: ipaddress.IPv4Address | None = None
         self._mss_rule: list[str] | None = None
+        self.tun: TunDevice | None = None
 
     # -- helpers ---------------------------------------------------------------------------
     def _mtu(self, ifname: str) -> int:
@@ -82,24 +89,27 @@ class Datapath:
 
     def _tunnel_down(self) -> None:
         self.k.delete_link(self.tunnel)
+        self._udp_down()
         self._clamp_mss(False)
 
+    def _udp_down(self) -> None:
+        if self.tun is not None:
+            self.tun.close()             # the device goes with its file descriptor
+            self.tun = None
+
     def _clamp_mss(self, on: bool) -> None:
+        """TCP MSS of connections from/to the home address clamped to the path MTU (the tunnel's)."""
         if self.kind == "none":
             return
-        rule = ["-t", "mangle", "-o", self.tunnel, "-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS",
-                "--clamp-mss-to-pmtu"]
+        rules = [["POSTROUTING", "-s", str(self.hoa)], ["PREROUTING", "-d", str(self.hoa)]]
+        tail = ["-p", "tcp", "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--clamp-mss-to-pmtu"]
         if on and self._mss_rule is None:
-            subprocess.run(["iptables", "-A", "POSTROUTING", *rule], capture_output=True)
-            subprocess.run(["iptables", "-t", "mangle", "-A", "PREROUTING", "-i", self.tunnel, "-p", "tcp",
-                            "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--clamp-mss-to-pmtu"],
-                           capture_output=True)
-            self._mss_rule = rule
+            for chain, *match in rules:
+                subprocess.run(["iptables", "-t", "mangle", "-A", chain, *match, *tail], capture_output=True)
+            self._mss_rule = tail
         elif not on and self._mss_rule is not None:
-            subprocess.run(["iptables", "-D", "POSTROUTING", *self._mss_rule], capture_output=True)
-            subprocess.run(["iptables", "-t", "mangle", "-D", "PREROUTING", "-i", self.tunnel, "-p", "tcp",
-                            "--tcp-flags", "SYN,RST", "SYN", "-j", "TCPMSS", "--clamp-mss-to-pmtu"],
-                           capture_output=True)
+            for chain, *match in rules:
+                subprocess.run(["iptables", "-t", "mangle", "-D", chain, *match, *tail], capture_output=True)
             self._mss_rule = None
 
     # -- modes -------------------------------------------------------------------------------
@@ -132,13 +142,36 @@ class Datapath:
 
     def mode_c(self, coa) -> None:
         self._drop_hoa_on_access()
+        self._udp_down()
         self._tunnel_up(coa, self._mtu(self.ifname) - IPIP_OVERHEAD)
         self._clamp_mss(True)
         self._default_via(dev=self.tunnel, src=self.hoa)
         self.mode, self.tia = "c", None
 
+    def mode_c_udp(self, coa) -> TunDevice | None:
+        """RFC 3519 data path; returns the TUN device whose packets the agent tunnels."""
+        self._drop_hoa_on_access()
+        self.k.delete_link(self.tunnel)
+        if self.kind == "none":
+            self.mode, self.tia = "c", None
+            return None
+        if self.tun is None:
+            self.tun = TunDevice(UDP_TUNNEL)
+        self.k.set_link(self.tun.name, mtu=self._mtu(self.ifname) - UDP_TUNNEL_OVERHEAD, up=True, tag=True)
+        self.k.add_address(self.tun.name, self.hoa, 32)
+        for dev in ("all", self.tun.name):
+            try:
+                self.k.set_sysctl(f"net/ipv4/conf/{dev}/rp_filter", "0")
+            except Exception:
+                pass
+        self._clamp_mss(True)
+        self._default_via(dev=self.tun.name, src=self.hoa)
+        self.mode, self.tia = "c", None
+        return self.tun
+
     def mode_mc(self, tia) -> None:
         self._drop_hoa_on_access()
+        self._udp_down()
         self.tia = ipaddress.IPv4Address(tia)
         self._tunnel_up(self.tia, self._mtu(self.ifname) - IPIP_OVERHEAD - ESP_OVERHEAD)
         self._clamp_mss(True)
