@@ -30,6 +30,8 @@
     auth = "psk"                          # or "cert"
     psk_file = "/etc/mipmobike/vpn.psk"   # mode 0600
     # cert = "...", key_file = "...", ca = "..."
+    # ike_proposals = ["aes256gcm16-prfsha384-ecp256"], esp_proposals = ["aes256gcm16"]
+    # additional_addresses = []          # MOBIKE: announced besides the current one (never the HoA)
     internal_prefixes = ["10.0.0.0/8"]
     keep_ike_when_trusted = false
     dpd_interval = 30
@@ -52,7 +54,7 @@ MN_KEYS = {"interfaces", "home_address", "home_agent", "home_prefix", "nai", "sp
            "detection", "log_level", "datapath"}
 DET_KEYS = {"initial_timeout", "retransmissions", "max_timeout"}
 VPN_KEYS = {"gateway", "gateway_id", "local_id", "auth", "psk_file", "cert", "key_file", "ca", "internal_prefixes",
-            "keep_ike_when_trusted", "dpd_interval", "ike_proposals", "esp_proposals"}
+            "keep_ike_when_trusted", "dpd_interval", "ike_proposals", "esp_proposals", "additional_addresses"}
 GATE_KEYS = {"backend", "bpffs", "instance"}
 
 
@@ -76,6 +78,9 @@ class VpnConfig:
     internal_prefixes: list[ipaddress.IPv4Network]
     keep_ike_when_trusted: bool = False
     dpd_interval: int = 30
+    ike_proposals: list[str] = field(default_factory=list)     # strongSwan notation; empty: our defaults
+    esp_proposals: list[str] = field(default_factory=list)
+    additional_addresses: list[ipaddress.IPv4Address] = field(default_factory=list)   # announced by MOBIKE
 
 
 @dataclass
@@ -102,6 +107,12 @@ class MnConfig:
     gate_backend: str = "auto"
     gate_bpffs: str = "/run/mipmobike/bpf"
     gate_instance: str = "mn"
+
+
+def _str_item(d, k, where):
+    if not isinstance(d[k], str) or not d[k]:
+        raise c.ConfigError(where, f"must be a non-empty string, got {d[k]!r}")
+    return d[k]
 
 
 def parse(doc: dict) -> MnConfig:
@@ -163,6 +174,9 @@ def parse(doc: dict) -> MnConfig:
             internal_prefixes=c.get_list(v, "internal_prefixes", "vpn", item=c.net_item),
             keep_ike_when_trusted=c.get_bool(v, "keep_ike_when_trusted", "vpn", False),
             dpd_interval=c.get_int(v, "dpd_interval", "vpn", 30, min=0),
+            ike_proposals=c.get_list(v, "ike_proposals", "vpn", [], item=_str_item),
+            esp_proposals=c.get_list(v, "esp_proposals", "vpn", [], item=_str_item),
+            additional_addresses=c.get_list(v, "additional_addresses", "vpn", [], item=c.ip_item),
         )
         if not cfg.vpn.internal_prefixes:
             raise c.ConfigError("vpn.internal_prefixes", "must name at least one prefix")
