@@ -297,9 +297,17 @@ def test_migrate_while_pinging(lab, clean):
         return (xa.get_sa(bun_a.outbound).replay.outbound_count,
                 xb.get_sa(bun_b.inbound).replay.inbound_count)
 
+    def flowing(base, n=5, timeout=20.0):
+        """Wait (a loaded emulated CPU starts ping late) until n more packets went each way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            cur = seqs()
+            if (cur[0] >= base[0] + n and cur[1] >= base[1] + n) or time.monotonic() > deadline:
+                return cur
+            time.sleep(0.1)
+
     try:
-        time.sleep(1.0)
-        before = seqs()
+        before = flowing((0, 0))
         assert before[0] >= 5 and before[1] >= 5, before
         # step 1: onto link 2, into a "NAT" (ESP in UDP 4500)
         bun_a = xa.migrate(bun_a, local="10.98.0.1", remote="10.98.0.2",
@@ -310,8 +318,7 @@ def test_migrate_while_pinging(lab, clean):
         after = seqs()
         assert after[0] >= before[0] and after[1] >= before[1], (before, after)
         a.ip("link", "set", lab["l1a"], "down")   # the old path is gone
-        time.sleep(1.0)
-        mid = seqs()
+        mid = flowing(after, 6)
         assert mid[0] > after[0] + 5 and mid[1] > after[1] + 5, (after, mid)
         st = norm(a.ip("xfrm", "state").stdout)
         assert "src 10.98.0.1 dst 10.98.0.2" in st and "encap type espinudp" in st, st
@@ -323,8 +330,7 @@ def test_migrate_while_pinging(lab, clean):
         bun_b = xb.migrate(bun_b, local="10.97.0.2", remote="10.97.0.1", encap_ports=None)
         after2 = seqs()
         assert after2[0] >= mid[0] and after2[1] >= mid[1], (mid, after2)
-        time.sleep(1.0)
-        end = seqs()
+        end = flowing(after2, 6)
         assert end[0] > after2[0] + 5 and end[1] > after2[1] + 5, (after2, end)
         for n in (a, b):
             st = norm(n.ip("xfrm", "state").stdout)
