@@ -290,7 +290,7 @@ def test_migrate_while_pinging(lab, clean):
     xa.install(bun_a)
     xb.install(bun_b)
     pinger = subprocess.Popen(
-        ["ip", "netns", "exec", a.name, "ping", "-n", "-i", "0.1", "-c", "50", "-W", "2",
+        ["ip", "netns", "exec", a.name, "ping", "-n", "-i", "0.1", "-c", "100", "-W", "2",
          "-I", "192.168.201.1", "192.168.202.1"], stdout=subprocess.PIPE, text=True)
 
     def seqs():
@@ -346,5 +346,5 @@ def test_migrate_while_pinging(lab, clean):
         a.ip("link", "set", lab["l1a"], "up")
     m = re.search(r"(\d+) packets transmitted, (\d+) received", stdout)
     sent, got = int(m.group(1)), int(m.group(2))
-    assert sent == 50 and got >= sent - 6, stdout
+    assert sent == 100 and got >= sent - 6, stdout
     assert xb.get_sa(bun_b.inbound).stats.integrity_failed == 0
