@@ -54,7 +54,7 @@ class FlowError(RuntimeError):
 class Window:
     sent: int = 0
     answered: int = 0
-    lost: int = 0
+    lost: int = 0                      # not answered although a later probe was
     outage: float | None = None        # longest gap between answered probes across the window (s)
     tcp_bytes: int = 0                 # bytes the correspondent received in the window
 
@@ -295,7 +295,9 @@ class Flow:
         lo, hi = bisect.bisect_left(sent, t0), bisect.bisect_left(sent, t1)
         w = Window(sent=hi - lo)
         w.answered = sum(1 for s in range(lo, hi) if s in answered)
-        w.lost = w.sent - w.answered
+        # a probe sent after the newest answered one may still be on its way: pending, not lost
+        newest = max(answered, default=-1)
+        w.lost = sum(1 for s in range(lo, min(hi, newest + 1)) if s not in answered)
         # the longest time between two probes that got through, from the last one before the window
         # to the first one at or after its end
         ok = [sent[s] for s in range(lo, hi) if s in answered]
