@@ -339,7 +339,8 @@ class MobileNodeAgent:
 
     async def _untrusted(self, h: Handover, lease, vpn_task, previous_mode) -> None:
         if vpn_task is None:
-            h.reason += "; no VPN configured: the link stays closed"
+            h.reason += ("; no VPN client in this build: the link stays closed" if self.cfg.vpn is not None
+                         else "; no VPN configured: the link stays closed")
             self.mode = h.mode = None
             return
         tia = await vpn_task
