@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 1.0,2,4.0: the product defaults)")
     p.add_argument("--no-strongswan", action="store_true", help="skip strongSwan's client in the handover part")
     p.add_argument("--goodput-seconds", type=float, help="per iperf3 run (default 10, quick 5)")
-    p.add_argument("--goodput-rounds", type=int, help="agent/strongSwan pairs, alternating (default 2, quick 1)")
+    p.add_argument("--goodput-rounds", type=int, help="agent/strongSwan pairs, alternating (default 3, quick 2)")
     p.add_argument("--mobike-moves", type=int, help="bench_mobike.py --moves per client (default 20, quick 6)")
     p.add_argument("--gate-seconds", type=float, help="bench_gate.py --seconds (default 2)")
     p.add_argument("--gate-rounds", type=int, help="bench_gate.py --rounds (default 5, quick 3)")
@@ -79,6 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--testbed-id", default=None, help="testbed id (default bench<random>)")
     p.add_argument("--state-root", default=None, help=argparse.SUPPRESS)
     p.add_argument("--ns-prefix", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--render", metavar="JSON", help="only write the reports again from an earlier JSON report "
+                                                    "(goals judged again), e.g. after a change of the format")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
 
@@ -87,7 +89,7 @@ def _defaults(a) -> None:
     q = a.quick
     a.rounds = a.rounds or (3 if q else 20)
     a.goodput_seconds = a.goodput_seconds or (5.0 if q else 10.0)
-    a.goodput_rounds = a.goodput_rounds or (1 if q else 2)
+    a.goodput_rounds = a.goodput_rounds or (2 if q else 3)
     a.mobike_moves = a.mobike_moves or (6 if q else 20)
     a.gate_seconds = a.gate_seconds or 2.0
     a.gate_rounds = a.gate_rounds or (3 if q else 5)
@@ -205,6 +207,13 @@ def run_in_vm(a, parts: list[str], ha_backends: list[str] | None, log) -> dict:
 
 
 def run(a) -> int:
+    if a.render:
+        merged = json.loads(Path(a.render).read_text())
+        merged["goals"] = report.goals(merged)
+        paths = report.write(merged, a.out, a.publish, stamp=False)
+        print(report.summary_text(merged))
+        print("\nreports: " + ", ".join(str(p) for p in paths))
+        return 0
     _defaults(a)
     log = lambda m: print(m, file=sys.stderr if a.inner else sys.stdout, flush=True)   # noqa: E731
     if a.inner:

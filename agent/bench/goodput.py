@@ -92,6 +92,19 @@ def iperf(tb, src: str, seconds: float) -> dict:
             srv.wait()
 
 
+def esp_in_use(tb) -> dict:
+    """The ESP algorithms and encapsulation of the SAs in the node's namespace (names only, never keys)."""
+    p = tb.exec("mn", ["ip", "xfrm", "state"])
+    algs, encap = set(), False
+    for line in p.stdout.splitlines():
+        w = line.split()
+        if w and w[0] in ("aead", "enc", "auth", "auth-trunc"):
+            algs.add(f"{w[0]} {w[1]}" + (f" {w[3]}" if w[0] in ("aead", "auth-trunc") and len(w) > 3 else ""))
+        if w and w[0] == "encap":
+            encap = True
+    return {"esp": sorted(algs), "esp_in_udp": encap}
+
+
 def agent_round(tb, agent, move, opts, log, fresh: bool = False) -> dict:
     """The agent in mode mc on external-1, iperf3 from the home address."""
     if fresh:
@@ -106,7 +119,7 @@ def agent_round(tb, agent, move, opts, log, fresh: bool = False) -> dict:
     st = agent.status()
     r = iperf(tb, tb.addr.home_address, opts.goodput_seconds)
     r.update(who="agent", path="home address -> correspondent: ipip (TIA -> i-HA) inside ESP",
-             encap=(st.get("ike") or {}).get("encap"), mode=st.get("mode"))
+             mode=st.get("mode"), **esp_in_use(tb))
     log(f"  goodput agent (MIP in ESP): {r.get('mbit_s')} Mbit/s, {r.get('fragments_or_frag_needed')} "
         f"fragments {r.get('error', '')}")
     return r
@@ -116,7 +129,7 @@ def swan_round(tb, swan, opts, log) -> dict:
     """strongSwan's client on external-1, iperf3 from its virtual IP."""
     time.sleep(1.0)
     r = iperf(tb, swan.vip, opts.goodput_seconds)
-    r.update(who="strongswan", path="virtual IP -> correspondent: ESP tunnel (strongSwan client)")
+    r.update(who="strongswan", path="virtual IP -> correspondent: ESP tunnel (strongSwan client)", **esp_in_use(tb))
     log(f"  goodput strongSwan (plain ESP): {r.get('mbit_s')} Mbit/s, {r.get('fragments_or_frag_needed')} "
         f"fragments {r.get('error', '')}")
     return r

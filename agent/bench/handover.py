@@ -187,6 +187,23 @@ def start_flow(tb: Testbed, src: str, opts) -> Flow:
 
 
 # -- the agent -------------------------------------------------------------------------------------
+def polled_idle(roamer: Roamer, pid: int, seconds: float, poll: float) -> dict | None:
+    """The agent's CPU while nothing happens but the bench asking its status every ``poll`` s
+    (what the polling adds to the figures taken during the moves)."""
+    a = procstat.sample(pid)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(poll)
+        try:
+            roamer.status()
+        except Exception:
+            pass
+    use = procstat.usage(a, procstat.sample(pid))
+    if use:
+        use["poll_s"] = poll
+    return use
+
+
 def start_agent(roamer: Roamer, opts, signalling_only: bool) -> None:
     init, retr, mx = opts.detection
     mn = {"datapath": "none"} if signalling_only else None   # no ipip here: decide and signal only
@@ -495,6 +512,7 @@ def run_session(opts, caps: dict, log) -> dict:
             flow = start_flow(tb, tb.addr.home_address, opts)
         time.sleep(1.0)
         res["agent_resources"] = {"idle": procstat.idle(pid, opts.idle_seconds), "during": {}, "i_ha_idle": None}
+        res["agent_resources"]["idle_polled"] = polled_idle(roamer, pid, opts.idle_seconds, opts.poll)
         ha = tb.daemons.get("i-ha")
         if ha is not None:
             res["agent_resources"]["i_ha_idle"] = procstat.idle(ha.pid, min(2.0, opts.idle_seconds))

@@ -87,8 +87,10 @@ def goals(res: dict) -> list[dict]:
                     per[f"+{rtt} ms {tr}"] = {"agent_ms": am, "strongswan_ms": sm, "ratio": round(r, 2)}
         if per:
             worst = max(v["ratio"] for v in per.values())
+            each = "; ".join(f"{k}: {_f(v['agent_ms'])} / {_f(v['strongswan_ms'])} ms = {v['ratio']:.2f}"
+                             for k, v in per.items())
             g.update(status="met" if worst <= 0.5 else "not met", value=worst, per=per,
-                     detail=f"worst ratio {worst:.2f}" + (f"; missing: {'; '.join(missing)}" if missing else ""))
+                     detail=f"worst ratio {worst:.2f} ({each})" + (f"; missing: {'; '.join(missing)}" if missing else ""))
         else:
             g.update(_nm("no first echo measured on both sides: " + "; ".join(missing)))
     out.append(g)
@@ -108,7 +110,7 @@ def goals(res: dict) -> list[dict]:
         bound = (rtt_ms if rtt_ms is not None else float(rtt)) + 20
         exch = sorted(m["mobike_rtt_ms"] for m in moves if m.get("mobike_rtt_ms") is not None)
         per[f"+{rtt} ms"] = {"median_ms": round(_median(vals), 1), "max_ms": vals[-1], "n": len(vals),
-                             "exchange_median_ms": _median(exch) if exch else None,
+                             "exchange_median_ms": round(_median(exch), 1) if exch else None,
                              "rtt_ms": rtt_ms, "bound_ms": round(bound, 1), "ok": _median(vals) <= bound}
     details = [f"{k}: {v['median_ms']} ms vs {v['bound_ms']} ms (the exchange itself {v['exchange_median_ms']} ms, "
                f"n={v['n']})" for k, v in per.items()] + missing
@@ -293,6 +295,10 @@ def markdown(res: dict) -> str:
             if d:
                 A(f"| handovers, +{rtt} ms ({d.get('moves')} moves) | {_f(d.get('seconds'))} | {_f(d.get('cpu_pct'))} "
                   f"| {_f(d.get('cpu_ms_per_handover'))} | {_f(d.get('rss_mb'))} | {_f(d.get('peak_rss_mb'))} |")
+        ip = ar.get("idle_polled")
+        if ip:
+            A(f"| idle, status asked every {_f(ip.get('poll_s'))} s (the bench's own cost) | {_f(ip.get('seconds'))} "
+              f"| {_f(ip.get('cpu_pct'))} | - | {_f(ip.get('rss_mb'))} | {_f(ip.get('peak_rss_mb'))} |")
         ih = ar.get("i_ha_idle")
         if ih:
             A(f"| i-HA idle (for comparison) | {_f(ih.get('seconds'))} | {_f(ih.get('cpu_pct'))} | - "
@@ -308,12 +314,13 @@ def markdown(res: dict) -> str:
         A(f"iperf3 TCP to the correspondent from external-1, one run per row, alternating. Ran on: {gp.get('ran_on')}. "
           "Fragments: IP fragments or ICMP fragmentation-needed seen by tcpdump on the access link during the run.")
         A("")
-        A("| path | Mbit/s | retransmits | fragments | note |")
-        A("|---|---|---|---|---|")
+        A("| path | Mbit/s | retransmits | fragments | ESP | note |")
+        A("|---|---|---|---|---|---|")
         for r in gp.get("rounds", []):
             note = r.get("not_measured") or r.get("error") or (f"MSS {r['mss']}" if r.get("mss") else "")
+            esp = ", ".join(r.get("esp", [])) + (" in UDP" if r.get("esp_in_udp") else "")
             A(f"| {r.get('path', r.get('who'))} | {_f(r.get('mbit_s'))} | {_f(r.get('retransmits'))} "
-              f"| {_f(r.get('fragments_or_frag_needed'))} | {note} |")
+              f"| {_f(r.get('fragments_or_frag_needed'))} | {esp or '-'} | {note} |")
         A("")
         A(f"Median agent / strongSwan: {_f(gp.get('agent_mbit_s'))} / {_f(gp.get('strongswan_mbit_s'))} Mbit/s, "
           f"ratio {_f(round(gp['ratio'], 3) if gp.get('ratio') is not None else None)}.")
@@ -414,14 +421,18 @@ def summary_text(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write(res: dict, out_dir: str, publish: str | None) -> list[Path]:
+def write(res: dict, out_dir: str, publish: str | None, stamp: bool = True) -> list[Path]:
+    """bench-<stamp>.md/.json (unless ``stamp`` is False) and bench-latest.md/.json in ``out_dir``;
+    latest.md/.json in ``publish`` if given."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     md, js = markdown(res), json.dumps(res, indent=1, default=str) + "\n"
     paths = []
-    for name, text in ((f"bench-{stamp}.md", md), (f"bench-{stamp}.json", js), ("bench-latest.md", md),
-                       ("bench-latest.json", js)):
+    files = [("bench-latest.md", md), ("bench-latest.json", js)]
+    if stamp:
+        st = time.strftime("%Y%m%d-%H%M%S")
+        files = [(f"bench-{st}.md", md), (f"bench-{st}.json", js)] + files
+    for name, text in files:
         p = out / name
         tmp = p.with_suffix(p.suffix + ".tmp")
         tmp.write_text(text)

@@ -80,6 +80,12 @@ def test_bench_harness_runs_and_reports(tmp_path):
         assert heading in md
     assert res["meta"]["host"]["kernel"] and res["meta"]["host"]["vm"] is False
     assert "goals:" in p.stdout and "reports:" in p.stdout
+    # the reports can be written again from the JSON alone (goals judged again, same Markdown)
+    again = tmp_path / "again"
+    r = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "--render", str(out / "bench-latest.json"),
+                        "--out", str(again)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (again / "bench-latest.md").read_text() == md
 
 
 def test_gate_output_parsed_and_judged():
