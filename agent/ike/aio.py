@@ -338,9 +338,11 @@ class AsyncIkeDriver:
                     ins.remove(cid, hold=True)
         except InstallError as e:
             log.error("%s: %s", self.name, e)
-            self._dispatch(ev)
+            # the failure first: whoever waits for this exchange must see that the kernel refused it,
+            # not a "CHILD SA established" it cannot use
             failed = InstallFailed(ev.time, str(e), type(ev).__name__)
             self._dispatch(failed)
+            self._dispatch(ev)
             if conn.state is State.ESTABLISHED and isinstance(ev, (ChildSaEstablished, AddressUpdated,
                                                                    MobikeStarted)):
                 conn.delete(self.now())         # an SA we cannot use: give it up cleanly
