@@ -10,6 +10,7 @@ refused (``read_key_file``).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import stat
 import tomllib
@@ -85,6 +86,8 @@ def get_float(d: dict, key: str, where: str = "", default: Any = _MISSING, min: 
     v = _get(d, key, where, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(path_of(where, key), f"must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ConfigError(path_of(where, key), f"must be a finite number, got {v!r}")
     if min is not None and v < min:
         raise ConfigError(path_of(where, key), f"must be >= {min}, got {v}")
     return float(v)
@@ -138,6 +141,8 @@ def net_item(d, k, where):
 
 def check_unknown(d: dict, known: set[str], where: str) -> None:
     """Reject keys nobody reads: a typo must not silently fall back to a default."""
+    if not isinstance(d, dict):
+        raise ConfigError(where or "(top level)", f"must be a table, got {type(d).__name__}")
     extra = sorted(set(d) - known)
     if extra:
         raise ConfigError(path_of(where, extra[0]), f"unknown key (known: {', '.join(sorted(known))})")
@@ -151,7 +156,8 @@ def read_key_file(path: str, key: str) -> bytes:
     decoded; anything else is used as raw bytes.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted at the path must not hang the daemon (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(key, f"key file {path} not found") from None
     except OSError as e:

@@ -78,8 +78,8 @@ class ControlServer:
             req = json.loads(line)
             if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
                 raise ValueError("expected an object with a string 'cmd'")
-        except ValueError as e:
-            return {"ok": False, "error": f"bad request: {e}"}
+        except (ValueError, RecursionError) as e:     # RecursionError: absurdly nested JSON
+            return {"ok": False, "error": f"bad request: {type(e).__name__}"}
         handler = self.handlers.get(req["cmd"])
         if handler is None:
             return {"ok": False, "error": f"unknown command {req['cmd']!r}; known: {sorted(self.handlers)}"}

@@ -71,7 +71,7 @@ class VpnConfig:
     gateway_id: str
     local_id: str
     auth: str
-    psk: bytes | None
+    psk: bytes | None = field(repr=False)
     cert: str | None
     key_file: str | None
     ca: str | None
@@ -150,6 +150,11 @@ def parse(doc: dict) -> MnConfig:
             max_timeout=c.get_float(det, "max_timeout", "mn.detection", 4.0, min=0.05),
         ),
     )
+    if cfg.detection.initial_timeout > cfg.detection.max_timeout:
+        raise c.ConfigError("mn.detection.max_timeout",
+                            f"must be >= mn.detection.initial_timeout ({cfg.detection.initial_timeout})")
+    if cfg.nai is not None and not 0 < len(cfg.nai.encode()) <= 255:
+        raise c.ConfigError("mn.nai", "must be 1 to 255 bytes")
     if cfg.renew_fraction >= 1:
         raise c.ConfigError("mn.renew_fraction", f"must be below 1, got {cfg.renew_fraction}")
     if cfg.home_address not in cfg.home_prefix:

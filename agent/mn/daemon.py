@@ -126,6 +126,7 @@ class MobileNodeAgent:
         self.timeline: list[Handover] = []
         self.counters: dict[str, int] = {"handovers": 0, "forged_or_unmatched_replies": 0}
         self._task: asyncio.Task | None = None
+        self._task_if: str | None = None        # the interface the running handover is for
         self._waiter: asyncio.Future | None = None
         self._link_up: dict[str, bool] = {}
         self._carrier: dict[str, int] = {}
@@ -187,7 +188,7 @@ class MobileNodeAgent:
             self._start_handover(ev.ifname, "address-lost")
 
     def _link_down(self, ifname: str) -> None:
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._task.done() and ifname == self._task_if:
             self._task.cancel()
         if self.gate is not None:
             with contextlib.suppress(Exception):
@@ -211,6 +212,7 @@ class MobileNodeAgent:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self._task = asyncio.get_running_loop().create_task(self._handover(ifname, trigger))
+        self._task_if = ifname
 
     # -- the handover ------------------------------------------------------------------------------
     async def _handover(self, ifname: str, trigger: str) -> None:
@@ -255,7 +257,21 @@ class MobileNodeAgent:
         self.datapath.access(ifname, lease)
 
         if lease.ip in cfg.home_prefix:
-            return await self._at_home(h, lease)
+            if await self._at_home(h, lease):
+                return
+            # the i-HA did not confirm: an address from "home" proves nothing (any DHCP server can
+            # hand one out); treat the link as untrusted
+            self.datapath.access(ifname, lease)
+            vpn_task = None
+            if self.vpn is not None:
+                vpn_task = asyncio.get_running_loop().create_task(self.vpn.update(ifname, lease.ip))
+            self.trusted = False
+            await self._untrusted(h, lease, vpn_task, previous_mode)
+            if h.t_ready is None:
+                h.t_ready = time.time()
+            if self.gate is not None and self.mode is not None:
+                self.gate.open(ifname)
+            return
 
         # (a) detection RRQ outside the VPN and (b) the VPN's address update, at the same moment
         mip.set_path(lease.ip, ifname, bypass=True)
@@ -285,22 +301,27 @@ class MobileNodeAgent:
         if self.gate is not None and self.mode is not None:
             self.gate.open(ifname)
 
-    async def _at_home(self, h: Handover, lease) -> None:
-        h.t_verdict = time.time()
-        h.verdict, h.reason = "home", f"address {lease.ip} inside the home prefix {self.cfg.home_prefix}"
-        self.trusted = True
+    async def _at_home(self, h: Handover, lease) -> bool:
+        """Back on the home link? Only an authenticated deregistration reply says so (True)."""
         self.datapath.home(lease)
         self.mip.set_path(self.cfg.home_address, h.ifname, bypass=True)
         res = await self._registration(lambda: self.mip.deregister())
+        h.t_verdict = time.time()
         if not isinstance(res, Deregistered):
-            h.reason += f"; deregistration: {type(res).__name__}"
+            h.verdict = "untrusted"
+            h.reason = (f"address {lease.ip} inside the home prefix {self.cfg.home_prefix}, but the i-HA did not "
+                        f"confirm the deregistration ({type(res).__name__})")
+            return False
+        h.verdict = "home"
+        h.reason = f"address {lease.ip} inside the home prefix {self.cfg.home_prefix}; deregistration accepted"
+        self.trusted = True
         if self.vpn is not None and not self.cfg.vpn.keep_ike_when_trusted:
             await self.vpn.stop()
-        self.mode = "home"
-        h.mode = "home"
+        self.mode = h.mode = "home"
         h.t_ready = time.time()
         if self.gate is not None:
             self.gate.open(h.ifname)
+        return True
 
     async def _trusted(self, h: Handover, lease, vpn_task, detection: Registered) -> None:
         mode = "c"
@@ -370,6 +391,7 @@ class MobileNodeAgent:
         if ev.kind == "reestablished" and self.mode == "mc" and self.ifname is not None \
                 and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._vpn_recovered(ev))
+            self._task_if = self.ifname
 
     async def _vpn_recovered(self, ev) -> None:
         """The gateway lost our SA and the VPN made a new one: the TIA may differ; register it again."""

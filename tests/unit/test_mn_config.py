@@ -91,3 +91,32 @@ def test_shipped_example_is_valid(files):
     text = text.replace("/etc/mipmobike/mn.key", str(key)).replace("/etc/mipmobike/vpn.psk", str(psk))
     cfg = config.load(write(d, text))
     assert cfg.vpn is not None and cfg.use_fa and cfg.gate_backend == "auto"
+
+
+@pytest.mark.parametrize("change, key, reason", [
+    (("[vpn]", "[mn.detection]\ninitial_timeout = nan\n[vpn]"), "mn.detection.initial_timeout", "finite"),
+    (("spi = 256", "spi = 256\nrenew_fraction = inf"), "mn.renew_fraction", "finite"),
+    (("spi = 256", "spi = 256\ndetection = 3"), "mn.detection", "must be a table"),
+    (("[vpn]", "[mn.detection]\ninitial_timeout = 5.0\nmax_timeout = 1.0\n[vpn]"),
+     "mn.detection.max_timeout", "initial_timeout"),
+])
+def test_hostile_values_name_the_key(files, change, key, reason):
+    d, k, psk = files
+    with pytest.raises(ConfigError) as e:
+        config.load(write(d, GOOD.format(key=k, psk=psk).replace(*change)))
+    assert e.value.key == key and reason in e.value.reason
+
+
+def test_psk_not_in_repr(files):
+    d, key, psk = files
+    cfg = config.load(write(d, GOOD.format(key=key, psk=psk)))
+    assert b"a shared secret" not in repr(cfg).encode() and "shared secret" not in repr(cfg)
+
+
+def test_fifo_key_file_refused_without_hanging(tmp_path):
+    import os
+    fifo = tmp_path / "k.fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        from agent.config import read_key_file
+        read_key_file(str(fifo), "mn.key_file")
