@@ -32,7 +32,9 @@ Relaying (RFC 5944 §3.7):
   Mobile-Foreign extension when an MN-FA SA exists. An accepted reply adds
   or refreshes the visitor entry (lifetime 0 removes it);
 * a request the home agent does not answer within ``pending_timeout``
-  seconds is answered with 78 (registration timeout).
+  seconds is answered with 78 (registration timeout), or with 68 when only
+  replies failing the FA-HA authentication came (a forged reply never
+  cancels the pending request);
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ class _Pending:
     mn_port: int
     deadline: float
     sent_at: float
+    ha_auth_failed: bool = False     # a reply that failed the FA-HA check came meanwhile
 
 
 class ForeignAgent(EngineBase):
@@ -291,7 +294,8 @@ class ForeignAgent(EngineBase):
             if kind == "pending":
                 p = self._pending.pop(key)
                 self.counters["registration_timeouts"] += 1
-                self._deny(p.request, ReplyCode.FA_REGISTRATION_TIMEOUT, p.mn_address, p.mn_port)
+                self._deny(p.request, ReplyCode.FA_HA_FAILED_AUTH if p.ha_auth_failed
+                           else ReplyCode.FA_REGISTRATION_TIMEOUT, p.mn_address, p.mn_port)
             else:
                 v = self.visitors.pop(key)
                 self.counters["visitors_expired"] += 1
@@ -402,12 +406,18 @@ class ForeignAgent(EngineBase):
             self._drop("unmatched_reply", str(rep.home_address))
             return
         req = p.request
+        if to_ipv4(src) != req.home_agent:
+            # only the home agent the request went to may answer it
+            self._drop("reply_from_wrong_source", str(src))
+            return
         ha_sa = cfg.ha_sas.get(req.home_agent)
         if ha_sa is not None:
             if check(rep, ha_sa, EXT_FHAE) is not AuthResult.OK:
+                # counted and dropped; the pending request stays for the genuine reply, so a
+                # forged one cannot cancel it. Without one, the node gets 68 when it times out.
                 self._drop("ha_auth_failed", str(src))
-                del self._pending[key]
-                return self._deny(req, ReplyCode.FA_HA_FAILED_AUTH, p.mn_address, p.mn_port)
+                p.ha_auth_failed = True
+                return
         elif cfg.require_ha_auth:
             self._drop("ha_auth_failed", f"{src}: no FA-HA security association")
             del self._pending[key]

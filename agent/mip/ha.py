@@ -572,7 +572,9 @@ class _ReplyContext:
             else:
                 ident = req.identification
         else:
-            state.ha_nonce = ha._rng() & 0xFFFFFFFF
+            # an unauthenticated request must not move the nonce the genuine node needs next
+            if code not in (ReplyCode.HA_MN_FAILED_AUTH, ReplyCode.HA_FA_FAILED_AUTH):
+                state.ha_nonce = ha._rng() & 0xFFFFFFFF
             ident = (state.ha_nonce << 32) | low32(req.identification)
         exts = tuple(self.extensions) if code in (0, 1) else ()
         rep = RegistrationReply(int(code), lifetime, state.node.home_address,

@@ -491,6 +491,10 @@ class MobileNode(EngineBase):
             return
         code = rep.code
         if is_fa_code(code):
+            if att.foreign_agent is None:
+                # no foreign agent relayed this request: an FA code cannot be genuine
+                self._drop("fa_code_without_fa", str(code))
+                return
             if cfg.fa_sa is not None:
                 if check(rep, cfg.fa_sa, EXT_MFAE) is not AuthResult.OK:
                     self._drop("fa_auth_failed")

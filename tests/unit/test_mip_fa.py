@@ -274,18 +274,25 @@ def _relay_once(fa, now=T0):
 
 
 def test_68_ha_failed_authentication():
+    """A reply failing the FA-HA check is dropped without cancelling the request: the genuine
+    reply still goes through, and without one the node gets 68 when the request times out."""
     fa = make_fa(ha_sas={HA: FH})
     req = _relay_once(fa)
     rep = sign(RegistrationReply(0, 600, HOA, HA, req.identification), sa())
     fa.receive_datagram(rep.encode(), str(HA), 434, str(FA), T0)  # no FHAE
-    (d,) = fa.datagrams_to_send()
+    assert fa.datagrams_to_send() == [] and fa.counters["ha_auth_failed"] == 1
+    fa.handle_timer(T0 + fa.config.pending_timeout + 0.1)
+    (d,) = [x for x in fa.datagrams_to_send() if hasattr(x, "port")]
     assert decode_message(d.data).code == 68 and not fa.visitors
-    req = _relay_once(fa, T0 + 1)
-    rep = sign(sign(RegistrationReply(0, 600, HOA, HA, req.identification), sa()),
-               SecurityAssociation(512, b"wrong"), 34)
-    fa.receive_datagram(rep.encode(), str(HA), 434, str(FA), T0 + 1)
+    req = _relay_once(fa, T0 + 10)
+    forged = sign(sign(RegistrationReply(0, 600, HOA, HA, req.identification), sa()),
+                  SecurityAssociation(512, b"wrong"), 34)
+    fa.receive_datagram(forged.encode(), str(HA), 434, str(FA), T0 + 10)
+    assert fa.datagrams_to_send() == []
+    genuine = sign(sign(RegistrationReply(0, 600, HOA, HA, req.identification), sa()), FH, 34)
+    fa.receive_datagram(genuine.encode(), str(HA), 434, str(FA), T0 + 10.1)
     (d,) = fa.datagrams_to_send()
-    assert decode_message(d.data).code == 68
+    assert decode_message(d.data).code == 0 and HOA in fa.visitors
     fa = make_fa(require_ha_auth=True)
     req = _relay_once(fa)
     fa.receive_datagram(sign(RegistrationReply(0, 60, HOA, HA, req.identification),
