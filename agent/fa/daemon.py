@@ -221,22 +221,35 @@ class FaDaemon:
 
     def _on_datagram(self, data: bytes, src: IPv4Address, sport: int, local: IPv4Address) -> None:
         now = self.clock()
-        if data[:1] == b"\x01":
+        request = data[:1] == b"\x01"
+        if request:
             self.counters["requests"] += 1
             if self.packet is not None:
                 self._drain_packets()
-            known = self.macs.get(src)
-            if known is not None and not self._on_link(src) and now - known[1] < 10:
-                self._ensure_delivery(src, known[0], now + self.s.engine.pending_timeout + DELIVERY_GRACE)
         elif data[:1] == b"\x03":
             self.counters["replies_from_ha"] += 1
         eng = self.engine.counters
         before = {k: eng[k] for k in DROP_COUNTERS}
+        relayed, denied = eng["requests_relayed"], eng["denied"]
         self.engine.receive_datagram(data, src, sport, local, now)
         for k, what in DROP_COUNTERS.items():
             if eng[k] != before[k]:
                 self.rl.once(k, str(src), "%s from %s:%d (counted)", what, src, sport)
+        if request and (eng["requests_relayed"] != relayed or eng["denied"] != denied):
+            # only a request the engine took (relayed, or answered with a denial) earns a
+            # delivery path to its off-link source, and never one that redirects our own
+            # addresses or an existing visitor's home address to another link-layer address
+            known = self.macs.get(src)
+            if known is not None and not self._on_link(src) and now - known[1] < 10 \
+                    and src not in self._own_addresses() \
+                    and (src not in self.engine.visitors or self.delivery.get(src) in (None, known[0])):
+                self._ensure_delivery(src, known[0], now + self.s.engine.pending_timeout + DELIVERY_GRACE)
         self._pump()
+
+    def _own_addresses(self) -> set:
+        e = self.s.engine
+        return {self.s.address, *e.care_of_addresses, *(getattr(e, "allowed_home_agents", None) or ()),
+                *getattr(e, "ha_sas", {}).keys()}
 
     def _icmp_readable(self) -> None:
         for _ in range(64):
