@@ -27,7 +27,11 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="mipmobike", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mipmobike",
+        description="Secure roaming for Linux endpoints (RFC 5266): Mobile IPv4 with the internal home agent "
+                    "on trusted links, Mobile IPv4 inside an IKEv2/MOBIKE VPN on untrusted ones, trust detected "
+                    "on every link change behind a fail-closed gate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {}
     for name, (module, help_) in SUBCOMMANDS.items():

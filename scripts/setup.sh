@@ -32,8 +32,8 @@ if [ -n "$missing" ]; then
     || { tail -30 /tmp/mipmobike-apt.log >&2; [ -n "$made_policy" ] && rm -f $policy; exit 1; }
   [ -n "$made_policy" ] && rm -f $policy
 fi
-# a charon started by the package in the root namespace would answer our IKE tests
-systemctl disable --now strongswan.service >/dev/null 2>&1 || true
+# (policy-rc.d above keeps the packages from starting a charon in the root namespace; the
+# tests run their own charons in namespaces, so an operator's strongSwan is left alone)
 
 # bcc compiles against /lib/modules/$(uname -r)/build. Kernels without headers
 # (like a custom host kernel) get Debian's cloud headers linked in.

@@ -211,7 +211,10 @@ class Demo:
     # -- output --------------------------------------------------------------------------------------
     def _header(self) -> None:
         say()
-        say("  t(verdict), t(ready): from the link coming up to the trust verdict and to the new mode's data path")
+        say("  modes: c = Mobile IP with the DHCP address as co-located care-of address (trusted link);")
+        say("  f = through the i-FA's care-of address (trusted link); mc = Mobile IP inside the IPsec VPN (untrusted)")
+        say("  t(verdict), t(ready): from the link coming up to the trust verdict and to the new mode's data path;")
+        say("  ready comes before the verdict on a MOBIKE-only move: ESP passes the closed gate while detection waits")
         say("  lost: echoes lost from the detach until echo and TCP both flow again; outage: longest time without")
         say("  an answered echo; last column: what the node sent on the access link before its data path was ready")
         say()

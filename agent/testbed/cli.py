@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--id", default="1", help="testbed id: namespaces mmtb-ID-*, state in STATE_ROOT/ID "
-                                                 "(default: 1)")
+        p.add_argument("--id", default=None, help="testbed id: namespaces mmtb-ID-*, state in STATE_ROOT/ID "
+                                                  "(default: 1 for up; otherwise the only testbed that is up)")
         p.add_argument("--state-root", default=STATE_ROOT, help=f"(default: {STATE_ROOT})")
 
     p = sub.add_parser("up", help="build everything and start DHCP servers, the VPN gateway and the agents")
@@ -126,11 +126,20 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         print("usage: mipmobike testbed {up,down,status,move,exec,list,plan} ... (see --help)", file=sys.stderr)
         return 2
+    if getattr(args, "id", "x") is None:
+        ids = Testbed.list_ids(args.state_root) if action not in ("up", "plan", "list") else []
+        if len(ids) > 1 and action != "down":
+            print(f"mipmobike testbed {action}: several testbeds are up ({', '.join(ids)}): say which with --id",
+                  file=sys.stderr)
+            return 2
+        args.id = ids[0] if len(ids) == 1 else "1"
     try:
         if action == "plan":
             print(addresses_plan(args.layout))
             return 0
         if action == "list":
+            if not Testbed.list_ids(args.state_root):
+                print("no testbed is up")
             for i in Testbed.list_ids(args.state_root):
                 tb = Testbed.load(i, args.state_root)
                 print(f"{i}\t{tb.phase}\t{tb.attached or '-'}\t{tb.dir}")

@@ -426,7 +426,8 @@ class Testbed:
         gate = {"backend": "auto", "bpffs": str(run / "bpf")}
         header = (f"# mobile node configuration written by `mipmobike testbed up` (testbed {self.id}).\n"
                   f"# Run it in the node's namespace: ip netns exec {self.ns(self.layout.mn_node)} "
-                  f"mipmobike mn --config THIS_FILE\n")
+                  f"{os.path.join(os.path.dirname(sys.executable), 'mipmobike')} mn --config THIS_FILE\n"
+                  f"# (it needs ipip, and ESP for the VPN: on a kernel without them, use the demo's VM runner)\n")
         for name, vpn in (("mn.toml", {"local_id": PSK_ID, "auth": "psk", "psk_file": self.files["psk"]}),
                           ("mn-cert.toml", {"local_id": CERT_ID, "auth": "cert", "cert": self.files["mn_cert"],
                                             "key_file": self.files["mn_key"], "ca": self.files["ca"]})):
