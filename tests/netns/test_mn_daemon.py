@@ -215,3 +215,46 @@ def test_reply_without_tnc_means_untrusted(tb, procs, tmp_path):
     finally:
         open(ha_conf, "w").write(original)
         tb.restart("i-ha")
+
+
+def test_crash_keeps_the_link_closed_and_a_clean_stop_removes_everything(tb, procs, tmp_path):
+    """SIGKILL mid-life: the gate stays closed and a restarted agent adopts it (fail closed);
+    SIGTERM: the agent removes its gate programs, ipset, addresses and routes."""
+    import signal
+    cfg = mn_config(tb, tmp_path, vpn=False)
+    sock = re.search(r'control_socket = "([^"]+)"', open(cfg).read()).group(1)
+    argv = [sys.executable, "-m", "agent.cli", "mn", "--config", cfg]
+    mn = procs.start("mn-crash", argv, ns=tb.ns("mn"))
+    wait_until(lambda: _alive(sock), 30, "the agent's control socket", proc=mn)
+    n0 = len([h for h in status(sock)["timeline"] if h["trigger"] == "link-up"])
+    tb.move("internal-1")
+    wait_until(settled(sock, n0 + 1), 30, "handover to internal-1", proc=mn)
+    tb.move("external-1")                      # untrusted, no VPN: closed
+    st = wait_until(settled(sock, n0 + 2), 30, "handover to external-1", proc=mn)
+    assert st["gate"]["interfaces"][tb.mn_if] == "closed"
+    mn.signal(signal.SIGKILL)
+    mn.popen.wait(10)
+    # nobody decides now, and still nothing leaves: the pinned programs stay attached and closed
+    assert not tb.ping("mn", tb.nets["external-1"].router, 1, 0.5)
+    out = tb.exec("mn", [sys.executable, "-m", "agent.cli", "gate", "--instance", "mn", "--bpffs",
+                         re.search(r'bpffs = "([^"]+)"', open(cfg).read()).group(1), "--json", "status"])
+    assert out.returncode == 0 and '"closed"' in out.stdout, out.stdout + out.stderr
+    # a restart adopts the closed link instead of opening it, then detects again
+    mn2 = procs.start("mn-restart", argv, ns=tb.ns("mn"))
+    wait_until(lambda: _alive(sock), 30, "the restarted agent", proc=mn2)
+    assert status(sock)["gate"]["interfaces"][tb.mn_if] == "closed"
+    # (the restarted agent first detects on the link it finds up: external-1, untrusted)
+    wait_until(settled(sock, 1), 30, "the first handover after the restart", proc=mn2)
+    assert status(sock)["gate"]["interfaces"][tb.mn_if] == "closed"
+    tb.move("internal-1")
+    st = wait_until(settled(sock, 2), 30, "handover after the restart", proc=mn2)
+    assert last_handover(st)["verdict"] == "trusted"
+    mn2.stop()
+    assert mn2.popen.returncode == 0, mn2.output()[-2000:]
+    # a clean stop leaves no gate, ipset, address of ours or route of ours behind
+    assert "mipmobike-mn" not in tb.exec("mn", ["ipset", "list", "-n"]).stdout
+    link = tb.exec("mn", ["ip", "-d", "link", "show", tb.mn_if]).stdout
+    assert "xdp" not in link, link
+    assert "filter" not in tb.exec("mn", ["tc", "filter", "show", "dev", tb.mn_if, "egress"]).stdout
+    assert "10.2.1." not in tb.exec("mn", ["ip", "-4", "addr", "show", tb.mn_if]).stdout
+    assert "proto 182" not in tb.exec("mn", ["ip", "route", "show", "table", "all"]).stdout
