@@ -69,9 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settle", type=float, default=0.5, help="pause between moves, s")
     p.add_argument("--probe-interval", type=float, default=0.02,
                    help="UDP echo probe interval of the flow, s (default 0.02: 50 probes/s)")
-    p.add_argument("--poll", type=float, default=0.5,
-                   help="how often the agent's status is asked while a handover runs, s (its own timestamps "
-                        "are used; polling faster takes CPU from it under TCG)")
+    p.add_argument("--poll", type=float, default=5.0,
+                   help="while a handover runs the agent's status is asked when its log says the handover "
+                        "ended, else every POLL s (default 5; a status request costs the agent CPU)")
     p.add_argument("--out", default=str(TOP / "reports"), help="report directory (default reports/)")
     p.add_argument("--publish", nargs="?", const=str(TOP / "docs" / "bench"), default=None, metavar="DIR",
                    help="also write DIR/latest.md and latest.json (default DIR docs/bench)")

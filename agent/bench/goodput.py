@@ -138,8 +138,8 @@ def swan_round(tb, swan, opts, log) -> dict:
 def summarize(rounds: list[dict]) -> dict:
     a = [r["mbit_s"] for r in rounds if r.get("who") == "agent" and "mbit_s" in r]
     b = [r["mbit_s"] for r in rounds if r.get("who") == "strongswan" and "mbit_s" in r]
-    out = {"rounds": rounds, "agent_mbit_s": statistics.median(a) if a else None,
-           "strongswan_mbit_s": statistics.median(b) if b else None}
+    out = {"rounds": rounds, "agent_mbit_s": round(statistics.median(a), 2) if a else None,
+           "strongswan_mbit_s": round(statistics.median(b), 2) if b else None}
     out["ratio"] = ratio(out["agent_mbit_s"], out["strongswan_mbit_s"])
     out["fragments"] = sum(r.get("fragments_or_frag_needed", 0) for r in rounds if "mbit_s" in r)
     missing = []

@@ -221,14 +221,41 @@ def attach(tb: Testbed, target: str) -> tuple[str | None, float, float]:
     return src, t_detach, t_attach
 
 
-def wait_handover(roamer: Roamer, after: float, timeout: float, poll: float) -> dict | None:
-    """The agent's first handover started at or after ``after``, once finished. Polled every ``poll`` s:
-    the times come from the agent's own timeline, so a slow poll only delays the bench, while a fast one
-    would take CPU from the agent under TCG."""
+HANDOVER_LINE = re.compile(r"mipmobike\.mn: handover \S+ on \S+: ")
+
+
+def _log_size(roamer: Roamer) -> int:
+    try:
+        return os.path.getsize(roamer.tb.daemons["mn-agent"].log)
+    except (OSError, KeyError):
+        return 0
+
+
+def wait_handover(roamer: Roamer, after: float, timeout: float, poll: float, log_from: int = 0) -> dict | None:
+    """The agent's first handover started at or after ``after``, once finished.
+
+    The agent is asked for its status only when its log says a handover ended (or every ``poll`` s
+    when it says nothing): the times come from the agent's own timeline, and under TCG one status
+    request costs the agent more than 100 ms of CPU, which polling would take from the handover."""
     deadline = time.monotonic() + timeout
-    last = None
+    path = roamer.tb.daemons["mn-agent"].log
+    offset, last, next_ask = log_from, None, time.monotonic() + poll
     while time.monotonic() < deadline:
-        time.sleep(poll)
+        time.sleep(0.05)
+        ask = time.monotonic() >= next_ask
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                new = f.read()
+            cut = new.rfind(b"\n") + 1
+            offset += cut
+            if HANDOVER_LINE.search(new[:cut].decode(errors="replace")):
+                ask = True
+        except OSError:
+            ask = True
+        if not ask:
+            continue
+        next_ask = time.monotonic() + poll
         try:
             st = roamer.status()
         except Exception:
@@ -245,10 +272,11 @@ def wait_handover(roamer: Roamer, after: float, timeout: float, poll: float) -> 
 
 
 def agent_move(tb: Testbed, roamer: Roamer, flow: Flow | None, xw: XfrmWatch | None, target: str,
-               prev: dict, poll: float = 0.5) -> dict:
+               prev: dict, poll: float = 5.0) -> dict:
     """Move the node to ``target`` and time the agent's handover (ms after the attach)."""
+    log_from = _log_size(roamer)
     src, t_detach, t_link = attach(tb, target)
-    h = wait_handover(roamer, t_link, HANDOVER_TIMEOUT, poll)
+    h = wait_handover(roamer, t_link, HANDOVER_TIMEOUT, poll, log_from)
     rec: dict = {"from": src, "to": target, "mode_from": prev.get("mode"), "t_link": round(t_link, 3)}
     if h is None or (h.get("t_ready") is None and h.get("verdict") not in FINISHED):
         rec.update(ok=False, reason=f"no finished handover within {HANDOVER_TIMEOUT:.0f} s",
@@ -512,7 +540,7 @@ def run_session(opts, caps: dict, log) -> dict:
             flow = start_flow(tb, tb.addr.home_address, opts)
         time.sleep(1.0)
         res["agent_resources"] = {"idle": procstat.idle(pid, opts.idle_seconds), "during": {}, "i_ha_idle": None}
-        res["agent_resources"]["idle_polled"] = polled_idle(roamer, pid, opts.idle_seconds, opts.poll)
+        res["agent_resources"]["idle_polled"] = polled_idle(roamer, pid, opts.idle_seconds, 0.5)
         ha = tb.daemons.get("i-ha")
         if ha is not None:
             res["agent_resources"]["i_ha_idle"] = procstat.idle(ha.pid, min(2.0, opts.idle_seconds))

@@ -283,8 +283,8 @@ def markdown(res: dict) -> str:
         A(f"Not measured: {(ar or {}).get('not_measured', 'the part did not run')}.")
     else:
         A("The mobile node agent's process (/proc/PID/stat utime+stime, status VmRSS/VmHWM); CPU in percent "
-          "of one CPU; during the moves it includes answering the bench's status request every "
-          f"{res.get('meta', {}).get('options', {}).get('poll', 0.5)} s. Ran on: {ar.get('ran_on')}.")
+          "of one CPU; during the moves it includes answering the bench's status requests (about one per move, "
+          f"asked once the agent's log says the handover ended). Ran on: {ar.get('ran_on')}.")
         A("")
         A("| phase | seconds | CPU % | CPU ms per handover | RSS MB | peak RSS MB |")
         A("|---|---|---|---|---|---|")
@@ -297,7 +297,8 @@ def markdown(res: dict) -> str:
                   f"| {_f(d.get('cpu_ms_per_handover'))} | {_f(d.get('rss_mb'))} | {_f(d.get('peak_rss_mb'))} |")
         ip = ar.get("idle_polled")
         if ip:
-            A(f"| idle, status asked every {_f(ip.get('poll_s'))} s (the bench's own cost) | {_f(ip.get('seconds'))} "
+            A(f"| idle, status asked every {_f(ip.get('poll_s'))} s (what a status request costs) "
+              f"| {_f(ip.get('seconds'))} "
               f"| {_f(ip.get('cpu_pct'))} | - | {_f(ip.get('rss_mb'))} | {_f(ip.get('peak_rss_mb'))} |")
         ih = ar.get("i_ha_idle")
         if ih:
