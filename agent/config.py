@@ -149,11 +149,12 @@ def check_unknown(d: dict, known: set[str], where: str) -> None:
 
 
 # -- secrets -------------------------------------------------------------------------------
-def read_key_file(path: str, key: str) -> bytes:
+def read_key_file(path: str, key: str, raw: bool = False) -> bytes:
     """Read a secret; refuse it unless it is a regular file of mode 0600 or stricter.
 
     A file holding hex digits (optionally prefixed 0x, whitespace ignored) is
-    decoded; anything else is used as raw bytes.
+    decoded; anything else is used as raw bytes. ``raw``: the bytes exactly as
+    stored (PEM or DER private keys).
     """
     try:
         # O_NONBLOCK: a FIFO planted at the path must not hang the daemon (it is refused below)
@@ -174,6 +175,10 @@ def read_key_file(path: str, key: str) -> bytes:
         data = os.read(fd, 65536)
     finally:
         os.close(fd)
+    if raw:
+        if not data:
+            raise ConfigError(key, f"key file {path} is empty")
+        return data
     text = data.strip()
     try:
         t = text.decode()

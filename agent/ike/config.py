@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import secrets
-import stat
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,13 +41,13 @@ class CertAuth:
     @classmethod
     def load(cls, cert_path: str, key_path: str, chain_paths: tuple[str, ...] = (),
              password: bytes | None = None) -> "CertAuth":
-        """Load PEM/DER files; the key file must be mode 0600 (or stricter)."""
-        st = os.stat(key_path)
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise IkeConfigError(f"private key {key_path} has mode {stat.S_IMODE(st.st_mode):04o}, "
-                                 "must be 0600 or stricter")
-        with open(key_path, "rb") as f:
-            kdata = f.read()
+        """Load PEM/DER files; the key file must be a regular file (no symlink, no FIFO) of mode
+        0600 or stricter owned by root or us, checked on the open descriptor (no check-then-open race)."""
+        from agent.config import ConfigError, read_key_file
+        try:
+            kdata = read_key_file(key_path, "private key", raw=True)
+        except ConfigError as e:
+            raise IkeConfigError(f"private key {key_path}: {e.reason}") from None
         key = (serialization.load_pem_private_key(kdata, password) if b"-----BEGIN" in kdata
                else serialization.load_der_private_key(kdata, password))
         return cls(load_cert(cert_path), key, tuple(load_cert(p) for p in chain_paths))

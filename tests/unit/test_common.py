@@ -82,3 +82,24 @@ def test_rate_limited_log_counts(caplog):
         assert rl.once("badauth", "10.0.0.1", "bad auth from %s", "10.0.0.1")
     assert len(caplog.records) == 3
     assert "+1 more" in caplog.records[-1].getMessage()
+
+
+def test_certificate_key_checked_on_the_descriptor(tmp_path):
+    """CertAuth.load refuses a readable, symlinked or FIFO private key, like every other secret."""
+    import os
+    from agent.ike.config import CertAuth
+    from agent.ike.errors import IkeConfigError
+    key = tmp_path / "k.pem"
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o644)
+    with pytest.raises(IkeConfigError, match="0644"):
+        CertAuth.load(str(tmp_path / "none.crt"), str(key))
+    key.chmod(0o600)
+    link = tmp_path / "l.pem"
+    link.symlink_to(key)
+    with pytest.raises(IkeConfigError):
+        CertAuth.load(str(tmp_path / "none.crt"), str(link))
+    fifo = tmp_path / "f.pem"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(IkeConfigError, match="not a regular file"):
+        CertAuth.load(str(tmp_path / "none.crt"), str(fifo))
