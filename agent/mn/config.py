@@ -32,6 +32,8 @@
     # cert = "...", key_file = "...", ca = "..."
     # ike_proposals = ["aes256gcm16-prfsha384-ecp256"], esp_proposals = ["aes256gcm16"]
     # additional_addresses = []          # MOBIKE: announced besides the current one (never the HoA)
+    # debug_keylog = "/root/ike-keys"    # DEBUG ONLY, off by default: IKE SA keys in tshark's
+    #                                    # ikev2_decryption_table format, file created 0600
     internal_prefixes = ["10.0.0.0/8"]
     keep_ike_when_trusted = false
     dpd_interval = 30
@@ -54,7 +56,8 @@ MN_KEYS = {"interfaces", "home_address", "home_agent", "home_prefix", "nai", "sp
            "detection", "log_level", "datapath"}
 DET_KEYS = {"initial_timeout", "retransmissions", "max_timeout"}
 VPN_KEYS = {"gateway", "gateway_id", "local_id", "auth", "psk_file", "cert", "key_file", "ca", "internal_prefixes",
-            "keep_ike_when_trusted", "dpd_interval", "ike_proposals", "esp_proposals", "additional_addresses"}
+            "keep_ike_when_trusted", "dpd_interval", "ike_proposals", "esp_proposals", "additional_addresses",
+            "debug_keylog"}
 GATE_KEYS = {"backend", "bpffs", "instance"}
 
 
@@ -81,6 +84,7 @@ class VpnConfig:
     ike_proposals: list[str] = field(default_factory=list)     # strongSwan notation; empty: our defaults
     esp_proposals: list[str] = field(default_factory=list)
     additional_addresses: list[ipaddress.IPv4Address] = field(default_factory=list)   # announced by MOBIKE
+    debug_keylog: str | None = None      # debug only: IKE keys appended for tshark (file mode 0600)
 
 
 @dataclass
@@ -182,6 +186,7 @@ def parse(doc: dict) -> MnConfig:
             ike_proposals=c.get_list(v, "ike_proposals", "vpn", [], item=_str_item),
             esp_proposals=c.get_list(v, "esp_proposals", "vpn", [], item=_str_item),
             additional_addresses=c.get_list(v, "additional_addresses", "vpn", [], item=c.ip_item),
+            debug_keylog=c.get_str(v, "debug_keylog", "vpn", None),
         )
         if not cfg.vpn.internal_prefixes:
             raise c.ConfigError("vpn.internal_prefixes", "must name at least one prefix")

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from agent.ike import CaTrust, CertAuth, IkeConfig, IkeConnection, PskAuth, State
 from agent.ike.aio import AsyncIkeDriver, IkeSessionError, InstallFailed
 from agent.ike.errors import IkeError
+from agent.ike.keylog import append_tshark_keys
 from agent.ike.events import (
     AddressUpdated, ChildSaDeleted, ChildSaEstablished, IkeFailed, IkeSaDeleted, IkeSaEstablished, IkeSaRekeyed,
     LivenessChecked, MobikeFailed,
@@ -277,6 +278,17 @@ class Vpn:
                  child.outbound.spi, " (ESP-in-UDP)" if child.encap else "")
         return self.tia
 
+    def _keylog(self) -> None:
+        """Debug option ``vpn.debug_keylog``: this IKE SA's keys for tshark (0600, refused if readable)."""
+        path = getattr(self.vcfg, "debug_keylog", None)
+        conn = self.driver.conn if self.driver is not None else None
+        if not path or conn is None or conn.keys is None:
+            return
+        try:
+            append_tshark_keys(path, conn.keys)
+        except (OSError, ValueError) as e:
+            log.error("vpn: IKE key log %s not written: %s", path, e)
+
     def _emit(self, kind: str, **detail) -> None:
         ev = VpnEvent(kind, time.time(), detail)
         self.history.append(ev)
@@ -289,8 +301,10 @@ class Vpn:
                 log.exception("vpn: on_event callback failed")
 
     def _on_ike_event(self, ev) -> None:
-        if isinstance(ev, IkeSaEstablished):
-            self.ike = ev
+        if isinstance(ev, (IkeSaEstablished, IkeSaRekeyed)):
+            if isinstance(ev, IkeSaEstablished):
+                self.ike = ev
+            self._keylog()
         elif isinstance(ev, AddressUpdated):
             self.counters["mobike_updates"] += 1
             self._emit("address_updated", local=ev.local_addr[0], remote=ev.remote_addr[0], nat_local=ev.nat_local,
