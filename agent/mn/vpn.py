@@ -302,9 +302,9 @@ class Vpn:
 
     def _on_ike_event(self, ev) -> None:
         if isinstance(ev, (IkeSaEstablished, IkeSaRekeyed)):
-            if isinstance(ev, IkeSaEstablished):
-                self.ike = ev
-            self._keylog()
+            self._keylog()                    # new IKE SA keys (debug option)
+        if isinstance(ev, IkeSaEstablished):
+            self.ike = ev
         elif isinstance(ev, AddressUpdated):
             self.counters["mobike_updates"] += 1
             self._emit("address_updated", local=ev.local_addr[0], remote=ev.remote_addr[0], nat_local=ev.nat_local,
