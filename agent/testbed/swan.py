@@ -99,6 +99,71 @@ class Pki:
             list(ex.map(lambda c: self.cert(c[0], c[1], c[2], key=keys[c[0]]), certs))
 
 
+def strongswan_conf(name: str, ns: str, vici: Path, log: Path, ipsec: str,
+                    interfaces_use: list[str] | None = None, *, extra: str = "", log_append: bool = True,
+                    detail: int = 1) -> str:
+    """strongswan.conf of one private charon instance: explicit plugin list (kernel-libipsec in front
+    of kernel-netlink when the kernel has no ESP), its own VICI socket and file log, roam events on.
+    ``detail`` is the knl/cfg log level; ``extra`` goes inside the charon section."""
+    plugins = ("random nonce openssl aes sha1 sha2 hmac gcm xcbc kdf pem pkcs1 pkcs8 x509 revocation "
+               "constraints pubkey curve25519 "
+               + ("kernel-libipsec kernel-netlink" if ipsec == "libipsec" else "kernel-netlink")
+               + " socket-default updown vici")
+    use = f"interfaces_use = {', '.join(interfaces_use)}" if interfaces_use else ""
+    libipsec = ("kernel-libipsec {\n                allow_peer_ts = no\n            }"
+                if ipsec == "libipsec" else "")
+    return textwrap.dedent(f"""\
+        # written by mipmobike: charon '{name}' in namespace {ns} ({ipsec} ESP)
+        charon {{
+            load = {plugins}
+            {use}
+            install_routes = yes
+            install_virtual_ip = yes
+            routing_table = 220
+            routing_table_prio = 220
+            retransmit_timeout = 1.0
+            retransmit_base = 1.4
+            retransmit_tries = 3
+            plugins {{
+                vici {{
+                    socket = unix://{vici}
+                }}
+                {libipsec}
+                kernel-netlink {{
+                    roam_events = yes
+                }}
+                socket-default {{
+                    use_ipv6 = no
+                }}
+            }}
+            filelog {{
+                main {{
+                    path = {log}
+                    time_format = %T
+                    time_add_ms = yes
+                    ike_name = yes
+                    append = {'yes' if log_append else 'no'}
+                    flush_line = yes
+                    default = 1
+                    ike = 2
+                    knl = {detail}
+                    cfg = {detail}
+                }}
+            }}
+        {{EXTRA}}
+        }}
+        charon-systemd {{
+            journal {{
+                default = -1
+            }}
+        }}
+        swanctl {{
+            socket = unix://{vici}
+            load = random nonce pem pkcs1 pkcs8 x509 pubkey openssl sha1 sha2
+        }}
+        """).replace("{EXTRA}", textwrap.indent(extra, "    "))
+
+
 class Charon:
     """One charon-systemd in a namespace with private configuration, socket and log."""
 
@@ -119,62 +184,8 @@ class Charon:
         for d in SWANCTL_DIRS:
             (self.swanctl_dir / d).mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
-        plugins = ("random nonce openssl aes sha1 sha2 hmac gcm xcbc kdf pem pkcs1 pkcs8 x509 revocation "
-                   "constraints pubkey curve25519 "
-                   + ("kernel-libipsec kernel-netlink" if self.ipsec == "libipsec" else "kernel-netlink")
-                   + " socket-default updown vici")
-        use = f"interfaces_use = {', '.join(self.interfaces_use)}" if self.interfaces_use else ""
-        libipsec = ("kernel-libipsec {\n                allow_peer_ts = no\n            }"
-                    if self.ipsec == "libipsec" else "")
-        self.conf.write_text(textwrap.dedent(f"""\
-            # written by mipmobike testbed: charon '{self.name}' in namespace {self.ns} ({self.ipsec} ESP)
-            charon {{
-                load = {plugins}
-                {use}
-                install_routes = yes
-                install_virtual_ip = yes
-                routing_table = 220
-                routing_table_prio = 220
-                retransmit_timeout = 1.0
-                retransmit_base = 1.4
-                retransmit_tries = 3
-                plugins {{
-                    vici {{
-                        socket = unix://{self.vici}
-                    }}
-                    {libipsec}
-                    kernel-netlink {{
-                        roam_events = yes
-                    }}
-                    socket-default {{
-                        use_ipv6 = no
-                    }}
-                }}
-                filelog {{
-                    main {{
-                        path = {self.log}
-                        time_format = %T
-                        time_add_ms = yes
-                        ike_name = yes
-                        append = yes
-                        flush_line = yes
-                        default = 1
-                        ike = 2
-                        knl = 1
-                        cfg = 1
-                    }}
-                }}
-            }}
-            charon-systemd {{
-                journal {{
-                    default = -1
-                }}
-            }}
-            swanctl {{
-                socket = unix://{self.vici}
-                load = random nonce pem pkcs1 pkcs8 x509 pubkey openssl sha1 sha2
-            }}
-            """))
+        self.conf.write_text(strongswan_conf(self.name, self.ns, self.vici, self.log, self.ipsec,
+                                             self.interfaces_use))
 
     def write_swanctl(self, text: str) -> None:
         p = self.swanctl_dir / "swanctl.conf"

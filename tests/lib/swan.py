@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import subprocess
-import textwrap
 from pathlib import Path
+
+from agent.testbed.swan import strongswan_conf
 
 from .procs import Procs, wait_until
 from .topo import Netns
@@ -101,61 +102,8 @@ class Charon:
         for d in SWANCTL_DIRS:
             (self.swanctl_dir / d).mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
-        plugins = "random nonce openssl aes sha1 sha2 hmac gcm xcbc kdf pem pkcs1 pkcs8 x509 revocation " \
-                  "constraints pubkey curve25519 "
-        plugins += ("kernel-libipsec kernel-netlink" if ipsec == "libipsec" else "kernel-netlink")
-        plugins += " socket-default updown vici"
-        use = f"interfaces_use = {', '.join(interfaces_use)}" if interfaces_use else ""
-        libipsec = "kernel-libipsec {\n            allow_peer_ts = no\n        }" if ipsec == "libipsec" else ""
-        self.conf.write_text(textwrap.dedent(f"""\
-            charon {{
-                load = {plugins}
-                {use}
-                install_routes = yes
-                install_virtual_ip = yes
-                routing_table = 220
-                routing_table_prio = 220
-                retransmit_timeout = 1.0
-                retransmit_base = 1.4
-                retransmit_tries = 3
-                plugins {{
-                    vici {{
-                        socket = unix://{self.vici}
-                    }}
-                    {libipsec}
-                    kernel-netlink {{
-                        roam_events = yes
-                    }}
-                    socket-default {{
-                        use_ipv6 = no
-                    }}
-                }}
-                filelog {{
-                    main {{
-                        path = {self.log}
-                        time_format = %T
-                        time_add_ms = yes
-                        ike_name = yes
-                        append = no
-                        flush_line = yes
-                        default = 1
-                        ike = 2
-                        knl = 2
-                        cfg = 2
-                    }}
-                }}
-            {textwrap.indent(extra_conf, '    ')}
-            }}
-            charon-systemd {{
-                journal {{
-                    default = -1
-                }}
-            }}
-            swanctl {{
-                socket = unix://{self.vici}
-                load = random nonce pem pkcs1 pkcs8 x509 pubkey openssl sha1 sha2
-            }}
-            """))
+        self.conf.write_text(strongswan_conf(name, ns.name, self.vici, self.log, ipsec, interfaces_use,
+                                             extra=extra_conf, log_append=False, detail=2))
 
     # -- configuration --------------------------------------------------------------
     def write_swanctl(self, text: str) -> None:
