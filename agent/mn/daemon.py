@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from agent.control import ControlServer
 from agent.mip.auth import SecurityAssociation
 from agent.mip.constants import AdvFlag
+from agent.mip.icmp import icmp_checksum
 from agent.mip.mn import (AgentAdvertised, Denied, Deregistered, MnConfig as EngineConfig, MnTunnelPacket,
                           MobileNode, Registered, RegistrationExpired, TimedOut)
 from agent.netlink_events import AddrEvent, LinkEvent, LinkWatcher
@@ -70,22 +71,13 @@ class Handover:
         return d
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def _echo_request(src, dst, seq: int) -> bytes:
     """An IPv4 ICMP echo request (the RFC 3519 keepalive through the tunnel)."""
     icmp = bytearray(b"\x08\x00\x00\x00" + (0x6d6d).to_bytes(2, "big") + seq.to_bytes(2, "big") + b"mipmobike")
-    icmp[2:4] = _checksum(bytes(icmp)).to_bytes(2, "big")
+    icmp[2:4] = icmp_checksum(bytes(icmp)).to_bytes(2, "big")
     hdr = bytearray(b"\x45\x00" + (20 + len(icmp)).to_bytes(2, "big") + b"\x00\x00\x40\x00\x40\x01\x00\x00"
                     + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed)
-    hdr[10:12] = _checksum(bytes(hdr)).to_bytes(2, "big")
+    hdr[10:12] = icmp_checksum(bytes(hdr)).to_bytes(2, "big")
     return bytes(hdr + icmp)
 
 
