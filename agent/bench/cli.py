@@ -137,6 +137,11 @@ def run_here(a, parts: list[str], ha_backends: list[str] | None, log) -> dict:
     caps = env.capabilities()
     where = env.machine()
     out: dict = {"machine": where, "caps": caps, "parts": {}}
+    if parts:
+        from .calib import python_speed
+        where["python_speed"] = python_speed()
+        log(f"python speed here: {where['python_speed'].get('per_s', where['python_speed'].get('error'))} "
+            "registrations/s (the emulation factor's yardstick)")
     if not caps["root"]:
         for p in parts:
             out["parts"][p] = {"not_measured": "needs root (namespaces, BPF)"}
@@ -247,6 +252,10 @@ def run(a) -> int:
     results = []
     if here_parts:
         results.append(run_here(a, here_parts, host_ha, log))
+    else:                   # the host's yardstick for the VM's figures all the same
+        from .calib import python_speed
+        results.append({"machine": dict(env.machine(), python_speed=python_speed()), "caps": host_caps,
+                        "parts": {}})
     if vm_parts:
         warm_gate_cache(log)
         results.append(run_in_vm(a, vm_parts, vm_ha, log))

@@ -288,6 +288,7 @@ def agent_move(tb: Testbed, roamer: Roamer, flow: Flow | None, xw: XfrmWatch | N
         "trigger": _ms(h.get("t_trigger"), t_link),
         "lease": _ms(h.get("t_lease"), t_link), "verdict_ms": _ms(h.get("t_verdict"), t_link),
         "ready": _ms(h.get("t_ready"), t_link),
+        "steps": h.get("steps") or {},          # the agent's own step marks, ms after its trigger
     })
     rec["ok"] = h.get("mode") is not None and h.get("verdict") not in FINISHED
     try:

@@ -28,8 +28,7 @@ import concurrent.futures
 import functools
 import logging
 import re
-
-from pyroute2 import IPRoute
+import socket
 
 from .allowlist import IKE_PORTS, AllowEntry, AllowList, build_entries
 from .defs import GateError, GateState
@@ -154,18 +153,19 @@ class Gate:
         return self.backend.name
 
     # -- interfaces ----------------------------------------------------------
+    # libc's if_nametoindex/if_nameindex (an ioctl and one small netlink dump in the
+    # calling thread's namespace) instead of a pyroute2 socket per call: the gate sits
+    # on every handover's path and in every status request
     @staticmethod
     def _ifindex(ifname: str) -> int:
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            raise GateError(f"no interface {ifname!r}")
-        return idx[0]
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            raise GateError(f"no interface {ifname!r}") from None
 
     @staticmethod
     def _ifnames() -> dict[int, str]:
-        with IPRoute() as ipr:
-            return {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+        return dict(socket.if_nameindex())
 
     @_op
     def attach(self, ifname: str, state: GateState | str | None = None) -> GateState:

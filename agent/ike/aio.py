@@ -99,6 +99,7 @@ class AsyncIkeDriver:
         self.stats: dict[str, int] = {}
         self.events: list[Event] = []          # the last events (for status), newest last
         self.wall_offset = 0.0                 # event.time + wall_offset = wall clock
+        self.last_rx: float | None = None      # wall clock of the last socket read
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -237,6 +238,7 @@ class AsyncIkeDriver:
     # ------------------------------------------------------------------ I/O
 
     def _readable(self, sock: socket.socket) -> None:
+        self.last_rx = time.time()          # wall clock of the last read (handover step timing)
         for _ in range(64):
             try:
                 data, anc, _flags, addr = sock.recvmsg(65535, socket.CMSG_SPACE(_PKTINFO.size))

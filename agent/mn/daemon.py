@@ -63,6 +63,10 @@ class Handover:
     coa: str | None = None
     tia: str | None = None
     mobike_only: bool = False
+    steps: dict = field(default_factory=dict)   # step -> ms after the trigger (where the time went)
+
+    def mark(self, step: str, t: float | None = None) -> None:
+        self.steps[step] = round(((time.time() if t is None else t) - self.t_trigger) * 1000, 1)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -230,6 +234,7 @@ class MobileNodeAgent:
         ifname = h.ifname
         if self.gate is not None:
             self.gate.close(ifname)                    # fail closed before anything leaves
+            h.mark("gate_closed")
         self.trusted = None
         previous_mode = self.mode
         self.fa = None
@@ -240,13 +245,16 @@ class MobileNodeAgent:
         mip.listen_adverts(ifname)
         await self._drop_dhcp(send_release=False)
         self.dhcp = Dhcp(ifname, timeout=15)
+        h.mark("dhcp_start")
         lease = await self.dhcp.acquire()
         h.t_lease = time.time()
+        h.mark("lease", h.t_lease)
         h.coa = str(lease.ip)
         self.lease, self.ifname = lease, ifname
         self.engine.link_changed()
         mip.solicit(ifname)
         self.datapath.access(ifname, lease)
+        h.mark("address_configured")
 
         if lease.ip in cfg.home_prefix:
             if await self._at_home(h, lease):
@@ -274,9 +282,13 @@ class MobileNodeAgent:
             def vpn_done(t: asyncio.Task, h=h) -> None:
                 if not t.cancelled() and t.exception() is None:
                     h.t_vpn = time.time()
+                    for step, at in self.vpn.marks.items():
+                        h.mark(step, at)
+                    h.mark("vpn_done", h.t_vpn)
             vpn_task.add_done_callback(vpn_done)
-        result = await self._registration(lambda: mip.register(lease.ip))
+        result = await self._registration(lambda: (mip.register(lease.ip), h.mark("detection_sent")))
         h.t_verdict = time.time()
+        h.mark("verdict", h.t_verdict)
         if isinstance(result, Registered) and result.tnc:
             h.verdict, h.reason = "trusted", "authenticated reply with TNC"
             self.trusted = True
@@ -292,6 +304,7 @@ class MobileNodeAgent:
             h.t_ready = time.time()        # stamped before the gate opens: nothing of the new mode left earlier
         if self.gate is not None and self.mode is not None:
             self.gate.open(ifname)
+            h.mark("gate_open")
 
     async def _at_home(self, h: Handover, lease) -> bool:
         """Back on the home link? Only an authenticated deregistration reply says so (True)."""

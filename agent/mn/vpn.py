@@ -50,7 +50,7 @@ from agent.ike.errors import IkeError
 from agent.ike.keylog import append_tshark_keys
 from agent.ike.events import (
     AddressUpdated, ChildSaDeleted, ChildSaEstablished, IkeFailed, IkeSaDeleted, IkeSaEstablished, IkeSaRekeyed,
-    LivenessChecked, MobikeFailed,
+    LivenessChecked, MobikeFailed, MobikeStarted,
 )
 
 log = logging.getLogger("mipmobike.mn.vpn")
@@ -121,6 +121,7 @@ class Vpn:
         self.counters: dict[str, int] = {"connects": 0, "mobike_updates": 0, "mobike_failures": 0, "sa_lost": 0,
                                          "reestablished": 0, "ike_rekeys": 0, "child_rekeys": 0, "dpd_ok": 0}
         self.history: list[VpnEvent] = []
+        self.marks: dict[str, float] = {}              # the running update's steps (wall clock)
         self._op: asyncio.Task | None = None
         self._recover: asyncio.Task | None = None
         self._stopping = False
@@ -138,6 +139,7 @@ class Vpn:
         if self._recover is not None and not self._recover.done():
             self._recover.cancel()
         self._stopping = False
+        self.marks = {"vpn_called": time.time()}
         op = asyncio.get_running_loop().create_task(self._update(ifname, local))
         self._op = op
         try:
@@ -305,7 +307,12 @@ class Vpn:
             self._keylog()                    # new IKE SA keys (debug option)
         if isinstance(ev, IkeSaEstablished):
             self.ike = ev
+        elif isinstance(ev, MobikeStarted):
+            self.marks["mobike_sent"] = time.time()          # request out, kernel SAs moved already
         elif isinstance(ev, AddressUpdated):
+            if self.driver is not None and self.driver.last_rx is not None:
+                self.marks["mobike_answer_rx"] = self.driver.last_rx
+            self.marks["mobike_answered"] = time.time()
             self.counters["mobike_updates"] += 1
             self._emit("address_updated", local=ev.local_addr[0], remote=ev.remote_addr[0], nat_local=ev.nat_local,
                        nat_remote=ev.nat_remote, encap=ev.encap, probed=ev.probed)
