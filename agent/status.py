@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import time
 
 from agent.control import ControlError, default_socket, request
 
@@ -38,11 +40,27 @@ def find_socket(role: str | None) -> str:
     raise ControlError(f"several daemons are running ({', '.join(found)}); choose one with --socket or --role")
 
 
-def _scalar(v) -> str:
+# keys whose numbers are wall-clock times (seconds since the epoch) in the daemons' status
+_WALLCLOCK_KEY = re.compile(r"^(t_.*|.*_at|time|last_mobike|started)$")
+
+
+def _clock(v: float, now: float | None = None) -> str:
+    """A wall-clock time for people: 14:03:07.250 today, else with the date."""
+    now = time.time() if now is None else now
+    lt = time.localtime(v)
+    ms = f"{int((v % 1) * 1000):03d}"
+    if time.localtime(now)[:3] == lt[:3]:
+        return time.strftime("%H:%M:%S", lt) + "." + ms
+    return time.strftime("%Y-%m-%d %H:%M:%S", lt) + "." + ms
+
+
+def _scalar(v, key: str | None = None) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
+    if key is not None and isinstance(v, (int, float)) and _WALLCLOCK_KEY.match(key) and 1e9 < v < 1e11:
+        return _clock(float(v))
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
@@ -58,7 +76,7 @@ def _table(rows: list[dict], indent: str) -> list[str]:
         for k, v in r.items():
             if k not in cols and not isinstance(v, (dict, list)):
                 cols.append(k)
-    cells = [[_scalar(r.get(c)) for c in cols] for r in rows]
+    cells = [[_scalar(r.get(c), c) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     out = [indent + "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     for row in cells:
@@ -85,7 +103,7 @@ def render(obj, indent: str = "") -> list[str]:
                 lines.append(f"{indent}{str(k) + ':':<{width + 1}} "
                              + (", ".join(_scalar(x) for x in v) if v else "-"))
             else:
-                lines.append(f"{indent}{str(k) + ':':<{width + 1}} {_scalar(v)}")
+                lines.append(f"{indent}{str(k) + ':':<{width + 1}} {_scalar(v, str(k))}")
     elif _is_table(obj):
         lines.extend(_table(obj, indent))
     elif isinstance(obj, list):

@@ -29,6 +29,23 @@ def test_render_nested_and_tables():
     assert "empty: -" in text
 
 
+def test_render_wall_clock_times():
+    import time
+    now = time.time()
+    today = time.strftime("%H:%M:%S", time.localtime(now))
+    text = "\n".join(render({
+        "established_at": now, "uptime": 1234567890.5, "last_mobike": None,
+        "timeline": [{"trigger": "link-up", "t_trigger": now, "ms_ready": 12.5}],
+        "old_at": 1_000_000_000.25,
+    }))
+    assert f"established_at: {today}." in text                  # a wall-clock key: a time of day
+    assert "uptime:         1.23457e+09" in text               # not a wall-clock key: the number
+    assert "last_mobike:    -" in text
+    assert f"link-up  {today}." in text and "12.5" in text
+    old_day = time.strftime("%Y-%m-%d ", time.localtime(1_000_000_000.25))
+    assert f"old_at:         {old_day}" in text                # another day: with the date
+
+
 def test_status_client(tmp_path, capsys):
     path = str(tmp_path / "d.sock")
     loop = asyncio.new_event_loop()
