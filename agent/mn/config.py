@@ -188,6 +188,7 @@ def parse(doc: dict) -> MnConfig:
             additional_addresses=c.get_list(v, "additional_addresses", "vpn", [], item=c.ip_item),
             debug_keylog=c.get_str(v, "debug_keylog", "vpn", None),
         )
+        _check_vpn_material(cfg.vpn)
         if not cfg.vpn.internal_prefixes:
             raise c.ConfigError("vpn.internal_prefixes", "must name at least one prefix")
         if not any(cfg.home_agent in p for p in cfg.vpn.internal_prefixes):
@@ -201,6 +202,32 @@ def parse(doc: dict) -> MnConfig:
     if not cfg.gate_instance.replace("-", "").replace("_", "").isalnum() or len(cfg.gate_instance) > 20:
         raise c.ConfigError("gate.instance", "letters, digits, '-' and '_' only, at most 20 characters")
     return cfg
+
+
+def _check_vpn_material(v: VpnConfig) -> None:
+    """What the VPN would only find out at its first IKE start: proposal strings it cannot
+    parse, certificates or keys it cannot load. Checked here so that ``check-config`` and the
+    daemon's start refuse them with the key's name."""
+    from agent.ike.errors import IkeError
+    from agent.ike.proposals import EspProposal, IkeProposal
+    for key, kind in (("ike_proposals", IkeProposal), ("esp_proposals", EspProposal)):
+        for i, text in enumerate(getattr(v, key)):
+            try:
+                kind.parse(text)
+            except (IkeError, ValueError) as e:
+                raise c.ConfigError(f"vpn.{key}[{i}]", f"{text!r}: {e}") from None
+    if v.auth != "cert":
+        return
+    from agent.ike.config import CaTrust, CertAuth
+    try:
+        CertAuth.load(v.cert, v.key_file)
+    except (IkeError, ValueError, TypeError, OSError) as e:
+        what = "vpn.key_file" if "private key" in str(e) else "vpn.cert"
+        raise c.ConfigError(what, f"cannot be loaded: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        CaTrust.load(v.ca)
+    except (ValueError, OSError) as e:
+        raise c.ConfigError("vpn.ca", f"cannot be loaded: {getattr(e, 'strerror', None) or e}") from None
 
 
 def load(path: str) -> MnConfig:

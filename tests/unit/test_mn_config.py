@@ -120,3 +120,68 @@ def test_fifo_key_file_refused_without_hanging(tmp_path):
     with pytest.raises(ConfigError, match="not a regular file"):
         from agent.config import read_key_file
         read_key_file(str(fifo), "mn.key_file")
+
+
+def test_garbage_proposals_refused_at_load(files):
+    """A proposal the IKE code cannot parse is a config error now, not a failure at the first IKE start."""
+    d, k, psk = files
+    base = GOOD.format(key=k, psk=psk)
+    with pytest.raises(ConfigError) as e:
+        config.load(write(d, base + 'ike_proposals = ["aes128-sha256-modp2048", "aes999-nonsense"]\n'))
+    assert e.value.key == "vpn.ike_proposals[1]" and "aes999-nonsense" in e.value.reason
+    with pytest.raises(ConfigError) as e:
+        config.load(write(d, base + 'esp_proposals = ["chacha-bogus"]\n'))
+    assert e.value.key == "vpn.esp_proposals[0]"
+    cfg = config.load(write(d, base + 'ike_proposals = ["aes128-sha256-modp2048"]\n'))
+    assert cfg.vpn.ike_proposals == ["aes128-sha256-modp2048"]
+
+
+CERT_VPN = """
+[vpn]
+gateway = "198.51.100.1"
+gateway_id = "gw.vpn.example"
+local_id = "mn1@vpn.example"
+auth = "cert"
+cert = "{cert}"
+key_file = "{ckey}"
+ca = "{ca}"
+internal_prefixes = ["10.0.0.0/8"]
+"""
+
+
+def test_certificate_files_checked_at_load(files):
+    """Missing or unreadable certificate material names its key at load (and in check-config)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d, k, psk = files
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mn1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_p, key_p, ca_p = d / "mn.crt", d / "mn.pem", d / "ca.crt"
+    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()))
+    key_p.chmod(0o600)
+    head = GOOD.format(key=k, psk=psk).split("[vpn]")[0]
+
+    def text(**kw):
+        paths = dict(cert=cert_p, ckey=key_p, ca=ca_p)
+        paths.update(kw)
+        return head + CERT_VPN.format(**paths)
+
+    cfg = config.load(write(d, text()))
+    assert cfg.vpn.auth == "cert"
+    for kw, key_name in ((dict(cert=d / "missing.crt"), "vpn.cert"), (dict(ca=d / "nope.crt"), "vpn.ca"),
+                         (dict(ca=psk), "vpn.ca")):
+        with pytest.raises(ConfigError) as e:
+            config.load(write(d, text(**kw)))
+        assert e.value.key == key_name and "cannot be loaded" in e.value.reason, e.value
