@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
@@ -26,6 +25,8 @@ from typing import Callable
 from agent import config as cfgmod
 from agent import log as logmod
 from agent.mip.engine import Datagram
+
+from agent.sdnotify import notify
 
 log = logging.getLogger("mipmobike.daemon")
 
@@ -133,18 +134,7 @@ class EngineTimer:
 
 def notify_ready(status: str = "") -> None:
     """Tell systemd (Type=notify) that the daemon is ready, if it is listening."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    msg = "READY=1" + (f"\nSTATUS={status}" if status else "")
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.connect(addr)
-            s.send(msg.encode())
-    except OSError as e:
-        log.debug("sd_notify: %s", e)
+    notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
 
 def run_daemon(role: str, load: Callable, make_daemon: Callable, config_path: str,

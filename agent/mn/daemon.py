@@ -25,9 +25,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import os
 import signal
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -38,10 +36,11 @@ from agent.mip.icmp import icmp_checksum
 from agent.mip.mn import (AgentAdvertised, Denied, Deregistered, MnConfig as EngineConfig, MnTunnelPacket,
                           MobileNode, Registered, RegistrationExpired, TimedOut)
 from agent.netlink_events import AddrEvent, LinkEvent, LinkWatcher
+from agent.sdnotify import notify
 
 from .config import MnConfig
-from .dhcp import Dhcp, DhcpError
-from .mipio import MipIo, Path
+from .dhcp import Dhcp
+from .mipio import MipIo
 
 log = logging.getLogger("mipmobike.mn")
 
@@ -83,17 +82,6 @@ def _echo_request(src, dst, seq: int) -> bytes:
                     + ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed)
     hdr[10:12] = icmp_checksum(bytes(hdr)).to_bytes(2, "big")
     return bytes(hdr + icmp)
-
-
-def sd_notify(state: str) -> None:
-    """systemd readiness (Type=notify); a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(state.encode(), path)
 
 
 class MobileNodeAgent:
@@ -520,14 +508,14 @@ class MobileNodeAgent:
         await self.control.start()
         watcher = LinkWatcher(self.cfg.interfaces)
         await watcher.start()
-        sd_notify("READY=1")
+        notify("READY=1")
         log.info("mobile node agent up: home address %s, i-HA %s, interfaces %s", self.cfg.home_address,
                  self.cfg.home_agent, ", ".join(self.cfg.interfaces))
         pump = loop.create_task(self._pump(watcher))
         try:
             await self._stop.wait()
         finally:
-            sd_notify("STOPPING=1")
+            notify("STOPPING=1")
             pump.cancel()
             watcher.close()
             await self.shutdown()
