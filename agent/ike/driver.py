@@ -15,6 +15,8 @@ import struct
 import time
 from typing import Callable
 
+from agent.inet import checksum
+
 from .const import IKE_PORT, NATT_PORT
 from .events import Event
 
@@ -122,15 +124,8 @@ def write_pcap(path: str, trace: list) -> None:
             udp = struct.pack("!HHHH", src[1], dst[1], 8 + len(data), 0) + data
             ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
                              ipaddress.IPv4Address(src[0]).packed, ipaddress.IPv4Address(dst[0]).packed)
-            csum = _ip_checksum(ip)
+            csum = checksum(ip)
             ip = ip[:10] + struct.pack("!H", csum) + ip[12:]
             pkt = ip + udp
             sec = int(ts)
             f.write(struct.pack("<IIII", sec, int((ts - sec) * 1e6), len(pkt), len(pkt)) + pkt)
-
-
-def _ip_checksum(hdr: bytes) -> int:
-    s = sum(struct.unpack("!10H", hdr))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Union
 
+from agent.inet import checksum
+
 from .constants import (
     ADV_EXT_CHALLENGE,
     ADV_EXT_MOBILITY,
@@ -48,14 +50,7 @@ __all__ = [
 ]
 
 
-def icmp_checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data = data + b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+icmp_checksum = checksum          # the Internet checksum (RFC 1071), agent.inet
 
 
 def _with_checksum(msg: bytes) -> bytes:
