@@ -60,25 +60,33 @@ class Pki:
             raise SwanError(f"pki {args[0]}: {p.stderr.decode(errors='replace').strip()}")
         return p.stdout
 
-    def _write_key(self, name: str) -> Path:
+    def _write_key(self, name: str, type_: str = "ecdsa") -> Path:
+        if type_ not in ("ecdsa", "rsa"):
+            raise SwanError(f"key type {type_!r}: want ecdsa or rsa")
         k = self.path / f"{name}.key"
-        data = self._pki("--gen", "--type", "ecdsa", "--size", "256", "--outform", "pem")
+        data = self._pki("--gen", "--type", type_, "--size", "256" if type_ == "ecdsa" else "2048",
+                         "--outform", "pem")
         fd = os.open(k, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(k, 0o600)
         return k
 
-    def ca(self, name: str = "ca") -> Path:
-        k = self._write_key(name)
+    key = _write_key
+
+    def _ca_dn(self, name: str) -> str:
+        return f"C=XX, O={self.org}, CN={self.org} {'CA' if name == 'ca' else name}"
+
+    def ca(self, name: str = "ca", type_: str = "ecdsa") -> Path:
+        k = self._write_key(name, type_)
         c = self.path / f"{name}.crt"
-        c.write_bytes(self._pki("--self", "--ca", "--lifetime", "3650", "--in", str(k), "--type", "ecdsa",
-                                "--dn", f"C=XX, O={self.org}, CN={self.org} CA", "--outform", "pem"))
+        c.write_bytes(self._pki("--self", "--ca", "--lifetime", "3650", "--in", str(k), "--type", type_,
+                                "--dn", self._ca_dn(name), "--outform", "pem"))
         return c
 
     def cert(self, name: str, san: list[str], flag: str = "serverAuth", ca: str = "ca",
-             key: Path | None = None) -> Path:
-        k = key or self._write_key(name)
+             key: Path | None = None, type_: str = "ecdsa") -> Path:
+        k = key or self._write_key(name, type_)
         c = self.path / f"{name}.crt"
         args = ["--issue", "--cacert", str(self.path / f"{ca}.crt"), "--cakey", str(self.path / f"{ca}.key"),
                 "--type", "priv", "--in", str(k), "--dn", f"C=XX, O={self.org}, CN={san[0]}",
@@ -95,7 +103,7 @@ class Pki:
                             ex.map(self._write_key, ["ca"] + [c[0] for c in certs])))
             self.path.joinpath("ca.crt").write_bytes(self._pki(
                 "--self", "--ca", "--lifetime", "3650", "--in", str(keys["ca"]), "--type", "ecdsa",
-                "--dn", f"C=XX, O={self.org}, CN={self.org} CA", "--outform", "pem"))
+                "--dn", self._ca_dn("ca"), "--outform", "pem"))
             list(ex.map(lambda c: self.cert(c[0], c[1], c[2], key=keys[c[0]]), certs))
 
 

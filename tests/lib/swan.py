@@ -14,19 +14,18 @@ with strongSwan's ``pki`` tool.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+from agent.testbed.swan import Pki as _ProductPki
 from agent.testbed.swan import strongswan_conf
 
 from .procs import Procs, wait_until
 from .topo import Netns
 
 CHARON = "/usr/sbin/charon-systemd"
-PKI_CONF = "pki {\n    load = random drbg nonce pem pkcs1 pkcs8 x509 pubkey sha1 sha2 openssl\n}\n"
 SWANCTL_DIRS = ("x509", "x509ca", "x509aa", "x509ac", "x509crl", "x509ocsp", "private", "rsa", "ecdsa",
                 "pkcs8", "pkcs12", "pubkey", "conf.d")
 
@@ -45,47 +44,11 @@ def kernel_has_esp() -> bool:
         subprocess.run(["ip", "netns", "del", ns])
 
 
-class Pki:
-    """ECDSA P-256 (or RSA) CA and certificates made with strongSwan's pki."""
+class Pki(_ProductPki):
+    """The testbed's pki wrapper (ECDSA P-256 or RSA CA and certificates, keys 0600), test org name."""
 
     def __init__(self, path: Path, org: str = "mipmobike-test") -> None:
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.org = org
-        (self.path / "strongswan.conf").write_text(PKI_CONF)
-
-    def _pki(self, *args: str) -> bytes:
-        env = dict(os.environ, STRONGSWAN_CONF=str(self.path / "strongswan.conf"))
-        p = subprocess.run(["pki", *args], capture_output=True, env=env, timeout=60)
-        if p.returncode:
-            raise RuntimeError(f"pki {' '.join(args)}: {p.stderr.decode(errors='replace')}")
-        return p.stdout
-
-    def key(self, name: str, type_: str = "ecdsa") -> Path:
-        k = self.path / f"{name}.key"
-        k.write_bytes(self._pki("--gen", "--type", type_, "--size", "256" if type_ == "ecdsa" else "2048",
-                                "--outform", "pem"))
-        k.chmod(0o600)
-        return k
-
-    def ca(self, name: str = "ca", type_: str = "ecdsa") -> Path:
-        k = self.key(name, type_)
-        c = self.path / f"{name}.crt"
-        c.write_bytes(self._pki("--self", "--ca", "--lifetime", "3650", "--in", str(k), "--type", type_,
-                                "--dn", f"C=XX, O={self.org}, CN={self.org} {name}", "--outform", "pem"))
-        return c
-
-    def cert(self, name: str, san: list[str], ca: str = "ca", type_: str = "ecdsa",
-             flag: str = "serverAuth") -> Path:
-        k = self.key(name, type_)
-        c = self.path / f"{name}.crt"
-        args = ["--issue", "--cacert", str(self.path / f"{ca}.crt"), "--cakey", str(self.path / f"{ca}.key"),
-                "--type", "priv", "--in", str(k), "--dn", f"C=XX, O={self.org}, CN={san[0]}",
-                "--flag", flag, "--lifetime", "825", "--outform", "pem"]
-        for s in san:
-            args += ["--san", s]
-        c.write_bytes(self._pki(*args))
-        return c
+        super().__init__(path, org)
 
 
 class Charon:
@@ -147,7 +110,11 @@ class Charon:
         return p
 
     def load_all(self) -> None:
-        self.swanctl("--load-all", "--noprompt")
+        """``swanctl --load-all``, refusing its silent success on an unparsable swanctl.conf."""
+        p = self.swanctl("--load-all", "--noprompt")
+        out = p.stdout + p.stderr
+        if "invalid config file" in out or "loaded connection" not in out:
+            raise RuntimeError(f"swanctl --load-all ({self.name}) loaded no connection: {out.strip()}")
 
     def initiate(self, child: str, ike: str | None = None, timeout: int = 20) -> subprocess.CompletedProcess:
         args = ["--initiate", "--child", child, "--timeout", str(timeout)]
