@@ -281,6 +281,35 @@ class HomeAgent(EngineBase):
             self._by_nai.pop(state.node.nai, None)
         self.revoke(hoa)
 
+    # ------------------------------------------------------------------ saved state
+
+    def restore(self, bindings, identifications=None, now: float | None = None) -> list[Binding]:
+        """Put saved state back after a restart: the still-valid ``bindings``
+        of configured nodes (BindingAdded events follow, as for registrations)
+        and each node's last accepted identification (``{home address: int}``,
+        never moved backwards), so a request replayed from before the restart
+        is still refused. Returns the bindings installed."""
+        live = []
+        multi = self.config.max_bindings_per_node > 1
+        for b in bindings:
+            if now is not None and b.expires_at is not None and b.expires_at <= now:
+                continue
+            if b.home_address not in self._nodes:
+                continue                     # the node left the configuration
+            if self.config.max_bindings is not None and self._count >= self.config.max_bindings:
+                break
+            self._install(b, multi)
+            live.append(b)
+        for hoa, ident in (identifications or {}).items():
+            state = self._nodes.get(to_ipv4(hoa))
+            if state is not None and (state.last_ident is None or int(ident) > state.last_ident):
+                state.last_ident = int(ident)
+        return live
+
+    def identifications(self) -> dict[IPv4Address, int]:
+        """The last accepted identification of each node (what :meth:`restore` takes back)."""
+        return {hoa: st.last_ident for hoa, st in self._nodes.items() if st.last_ident is not None}
+
     # ------------------------------------------------------------------ input
 
     def receive_datagram(self, data: bytes, src, src_port: int, dst, now: float) -> None:

@@ -108,6 +108,23 @@ def test_restore_skips_nodes_no_longer_configured(tmp_path):
     assert ha2.bindings == {}
 
 
+def test_engine_restore_api_caps_and_never_moves_identification_back():
+    """HomeAgent.restore/identifications are the engine's public calls (no reach into internals)."""
+    ha = _ha()
+    _register(ha, HOA, COA1, T0)
+    _register(ha, HOA2, COA2, T0)
+    saved_b, saved_i = all_bindings(ha), ha.identifications()
+    assert set(saved_i) == {HOA, HOA2}
+
+    capped = HomeAgent(HaConfig(HA, [HaNode(HOA, _sa()), HaNode(HOA2, _sa())], max_bindings=1))
+    assert len(capped.restore(saved_b, saved_i, now=T0 + 1)) == 1          # the cache limit holds
+    fresh = _ha()
+    _register(fresh, HOA, COA2, T0 + 100)                                   # newer than the saved one
+    newer = fresh.identifications()[HOA]
+    fresh.restore([], {HOA: saved_i[HOA]})
+    assert fresh.identifications()[HOA] == newer > saved_i[HOA]
+
+
 class FakeKernel:
     """Records what the data plane asks for."""
 
