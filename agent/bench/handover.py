@@ -221,54 +221,14 @@ def attach(tb: Testbed, target: str) -> tuple[str | None, float, float]:
     return src, t_detach, t_attach
 
 
-HANDOVER_LINE = re.compile(r"mipmobike\.mn: handover \S+ on \S+: ")
-
-
 def _log_size(roamer: Roamer) -> int:
-    try:
-        return os.path.getsize(roamer.tb.daemons["mn-agent"].log)
-    except (OSError, KeyError):
-        return 0
+    return roamer.log_size()
 
 
 def wait_handover(roamer: Roamer, after: float, timeout: float, poll: float, log_from: int = 0) -> dict | None:
-    """The agent's first handover started at or after ``after``, once finished.
-
-    The agent is asked for its status only when its log says a handover ended (or every ``poll`` s
-    when it says nothing): the times come from the agent's own timeline, and under TCG one status
-    request costs the agent more than 100 ms of CPU, which polling would take from the handover."""
-    deadline = time.monotonic() + timeout
-    path = roamer.tb.daemons["mn-agent"].log
-    offset, last, next_ask = log_from, None, time.monotonic() + poll
-    while time.monotonic() < deadline:
-        time.sleep(0.05)
-        ask = time.monotonic() >= next_ask
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                new = f.read()
-            cut = new.rfind(b"\n") + 1
-            offset += cut
-            if HANDOVER_LINE.search(new[:cut].decode(errors="replace")):
-                ask = True
-        except OSError:
-            ask = True
-        if not ask:
-            continue
-        next_ask = time.monotonic() + poll
-        try:
-            st = roamer.status()
-        except Exception:
-            d = roamer.tb.daemons.get("mn-agent")
-            if d is not None and not d.alive():
-                raise TestbedError(f"the mobile node agent exited:\n{roamer.agent_log()}") from None
-            continue
-        hs = [h for h in st["timeline"] if h["trigger"] != "link-down" and h["t_trigger"] >= after - 0.05]
-        if hs:
-            last = hs[0]
-            if last["t_ready"] is not None or last["verdict"] in FINISHED:
-                return last
-    return last
+    """The agent's first handover started at or after ``after``, once finished (asked when the
+    agent's log says a handover ended, else every ``poll`` s; see Roamer.wait_handover)."""
+    return roamer.wait_handover(after, timeout, poll=poll, log_from=log_from)
 
 
 def agent_move(tb: Testbed, roamer: Roamer, flow: Flow | None, xw: XfrmWatch | None, target: str,

@@ -18,17 +18,20 @@ clean time window.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import control
+from agent.testbed import TestbedError
 
 from .capture import DetectionPeers, LinkCapture, kinds, leaks
 from .flow import Flow
 
 FINISHED = ("failed", "superseded")
+HANDOVER_LINE = re.compile(r"mipmobike\.mn: handover \S+ on \S+: ")     # the agent's "handover ended" line
 
 
 def vpn_available() -> bool:
@@ -178,25 +181,52 @@ class Roamer:
         keep = [line for line in text.splitlines() if "pyroute2" not in line]
         return "\n".join(keep)[-tail:]
 
-    def wait_handover(self, after: float, timeout: float = 90) -> dict | None:
-        """The first link-up (or address) handover the agent started at or after ``after``, once finished."""
+    def log_size(self) -> int:
+        """Where the agent's log ends now (pass it to :meth:`wait_handover` as ``log_from``)."""
+        try:
+            return os.path.getsize(self.tb.daemons["mn-agent"].log)
+        except (OSError, KeyError):
+            return 0
+
+    def wait_handover(self, after: float, timeout: float = 90, poll: float = 1.0,
+                      log_from: int | None = None) -> dict | None:
+        """The first link-up (or address) handover the agent started at or after ``after``, once finished.
+
+        The agent is asked for its status when its log (read from ``log_from``) says a handover
+        ended, else every ``poll`` s: the times come from the agent's own timeline, so asking
+        more often only takes CPU from the handover being timed (much of it under TCG)."""
         deadline = time.monotonic() + timeout
-        last = None
+        path = self.tb.daemons["mn-agent"].log
+        offset = self.log_size() if log_from is None else log_from
+        last, next_ask = None, time.monotonic() + poll
         while time.monotonic() < deadline:
+            time.sleep(0.05)
+            ask = time.monotonic() >= next_ask
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    new = f.read()
+                cut = new.rfind(b"\n") + 1
+                offset += cut
+                if HANDOVER_LINE.search(new[:cut].decode(errors="replace")):
+                    ask = True
+            except OSError:
+                ask = True
+            if not ask:
+                continue
+            next_ask = time.monotonic() + poll
             try:
                 st = self.status()
             except control.ControlError:
-                st = None
-            if st is not None:
-                hs = [h for h in st["timeline"] if h["trigger"] != "link-down" and h["t_trigger"] >= after - 0.05]
-                if hs:
-                    last = hs[0]
-                    if last["t_ready"] is not None or last["verdict"] in FINISHED:
-                        return last
-            d = self.tb.daemons.get("mn-agent")
-            if d is not None and not d.alive():
-                raise RuntimeError(f"the mobile node agent exited:\n{self.agent_log()}")
-            time.sleep(0.1)
+                d = self.tb.daemons.get("mn-agent")
+                if d is not None and not d.alive():
+                    raise TestbedError(f"the mobile node agent exited:\n{self.agent_log()}") from None
+                continue
+            hs = [h for h in st["timeline"] if h["trigger"] != "link-down" and h["t_trigger"] >= after - 0.05]
+            if hs:
+                last = hs[0]
+                if last["t_ready"] is not None or last["verdict"] in FINISHED:
+                    return last
         return last
 
     # -- traffic and capture ---------------------------------------------------------------------------
@@ -219,6 +249,7 @@ class Roamer:
         tb = self.tb
         src = tb.attached
         before = self.ha_requests() if count_ha else None
+        log_from = self.log_size()
         if src is not None:
             tb.move("none")
         t_detach = time.time()
@@ -226,7 +257,7 @@ class Roamer:
         t_attach = time.time()
         tb.move(net)
         step = Step(src, net, t_detach, t_attach)
-        step.handover = self.wait_handover(t_attach, timeout)
+        step.handover = self.wait_handover(t_attach, timeout, log_from=log_from)
         if count_ha:
             step.ha_requests = (before, self.ha_requests())
         self.steps.append(step)
