@@ -234,6 +234,7 @@ class IkeConnection:
         self._ni = b""
         self._nr = b""
         self._cookie: bytes | None = None
+        self._init_refusal: tuple[int, float] | None = None    # (error notify, give up at) of an unprotected refusal
         self._cookie_rounds = 0
         self._ke_retries = 0
         self._init_request = b""
@@ -407,6 +408,8 @@ class IkeConnection:
         times = []
         if self._active is not None:
             times.append(self._active.deadline)
+        if self._init_refusal is not None and self.state is State.IKE_SA_INIT:
+            times.append(self._init_refusal[1])
         if self.state is State.ESTABLISHED:
             if self._next_keepalive is not None:
                 times.append(self._next_keepalive)
@@ -420,6 +423,10 @@ class IkeConnection:
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
+        if self._init_refusal is not None and self.state is State.IKE_SA_INIT and now >= self._init_refusal[1]:
+            self._active = None
+            self._fail_refused(now)
+            return
         req = self._active
         if req is not None and now >= req.deadline:
             max_tries = self.config.retransmit_tries if req.max_tries is None else req.max_tries
@@ -689,6 +696,7 @@ class IkeConnection:
     # ------------------------------------------------------------------ IKE_SA_INIT
 
     def _send_init(self, now: float) -> None:
+        self._init_refusal = None
         zero = bytes(8)
         payloads: list[Payload] = []
         if self._cookie is not None:
@@ -708,7 +716,14 @@ class IkeConnection:
                     self._on_init_response, self._on_init_timeout)
 
     def _on_init_timeout(self, now: float) -> None:
+        if self._init_refusal is not None:
+            self._fail_refused(now)
+            return
         self._fail(now, "no response to IKE_SA_INIT (gateway unreachable?)")
+
+    def _fail_refused(self, now: float) -> None:
+        n = self._init_refusal[0]
+        self._fail(now, f"gateway refused IKE_SA_INIT: {notify_name(n)}", n)
 
     def _on_init_response(self, msg: Message, payloads, addr: Address, local: Address, now: float) -> None:
         cookie = msg.notify(NotifyType.COOKIE)
@@ -744,9 +759,18 @@ class IkeConnection:
             return
         errors = [n for n in msg.get_all(NotifyPayload) if n.notify_type <= ERROR_NOTIFY_MAX]
         if errors:
+            # Nothing protects this answer: anyone on the path can forge it to stop us. Keep the
+            # request (and its retransmissions) alive for a short while; a genuine answer from the
+            # gateway still wins, else the first refusal is the outcome (RFC 7296 2.21.1 spirit).
             n = errors[0].notify_type
-            self._fail(now, f"gateway refused IKE_SA_INIT: {notify_name(n)}", n)
-            return
+            self._count("unprotected_init_errors")
+            if self._init_refusal is None:
+                self._init_refusal = (n, now + max(0.0, self.config.unprotected_error_wait))
+                log.info("%s: IKE_SA_INIT answered with %s (unauthenticated); waiting %.1f s for another answer",
+                         self.name, notify_name(n), self.config.unprotected_error_wait)
+            if now >= self._init_refusal[1]:
+                self._fail_refused(now)
+            return False
         sa, ke, nr = msg.get(SAPayload), msg.get(KEPayload), msg.get(NoncePayload)
         if sa is None or ke is None or nr is None or not any(msg.spi_r):
             self._fail(now, "IKE_SA_INIT response lacks SA, KE, Nonce or responder SPI")

@@ -355,8 +355,30 @@ def test_invalid_ke_for_group_we_did_not_offer():
 
 def test_init_error_notify():
     n = Net(FakeGateway(init_error=NotifyType.NO_PROPOSAL_CHOSEN)).connect()
+    assert n.events() == [] and n.conn.state is State.IKE_SA_INIT      # unauthenticated: not believed at once
+    n.advance(1.0)
+    assert n.events() == []
+    n.advance(1.0)                                                      # unprotected_error_wait (2 s) is over
     (ev,) = n.events()
     assert isinstance(ev, IkeFailed) and ev.notify == 14 and "NO_PROPOSAL_CHOSEN" in ev.reason
+    assert n.conn.state is State.CLOSED and n.conn.stats["unprotected_init_errors"] >= 1
+
+
+def test_forged_init_error_does_not_stop_the_connection():
+    """An off-path forged NO_PROPOSAL_CHOSEN before the gateway's own answer changes nothing."""
+    n = Net()
+    n.lost = 1                                   # our first IKE_SA_INIT never reaches the gateway
+    n.connect()
+    (init, _, _), = n.sent
+    spi_i = decode_message(init).spi_i
+    forged = Message(spi_i, bytes(8), ExchangeType.IKE_SA_INIT, 0, [NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN)],
+                     initiator=False, response=True).encode()
+    n.inject(forged)
+    assert n.events() == [] and n.conn.state is State.IKE_SA_INIT
+    n.advance(1.0)                               # the retransmission reaches the real gateway
+    evs = n.events()
+    assert n.conn.state is State.ESTABLISHED, evs
+    assert not any(isinstance(e, IkeFailed) for e in evs)
 
 
 def test_cert_authenticated_gateway_and_expiry():
