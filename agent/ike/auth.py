@@ -183,6 +183,50 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
+_IKE_EKUS = {"1.3.6.1.5.5.7.3.17",       # id-kp-ipsecIKE (RFC 4945)
+             "2.5.29.37.0",              # anyExtendedKeyUsage
+             "1.3.6.1.5.5.7.3.1",        # serverAuth (what most gateway certificates carry)
+             "1.3.6.1.5.5.8.2.2"}        # iKEIntermediate
+
+
+def _check_end_entity_usage(cert: x509.Certificate) -> None:
+    """The gateway's certificate must be usable for signing IKE AUTH: keyUsage (when present)
+    with digitalSignature; a *critical* extendedKeyUsage must allow IKE (RFC 4945 5.1.3.12)."""
+    name = dn_to_str(cert.subject)
+    try:
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.digital_signature:
+            raise IkeAuthError(f"certificate '{name}' keyUsage does not allow digitalSignature")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    except x509.ExtensionNotFound:
+        return
+    if ext.critical and not {o.dotted_string for o in ext.value} & _IKE_EKUS:
+        raise IkeAuthError(f"certificate '{name}' has a critical extendedKeyUsage without IKE, server "
+                           "or any usage")
+
+
+def _check_issuer(ca: x509.Certificate, below: int) -> None:
+    """An issuing CA: keyUsage (when present) with keyCertSign, and a pathLenConstraint that
+    allows the ``below`` intermediate CA certificates between it and the end entity."""
+    name = dn_to_str(ca.subject)
+    try:
+        ku = ca.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.key_cert_sign:
+            raise IkeAuthError(f"issuer '{name}' keyUsage does not allow keyCertSign")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        plen = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
+    except x509.ExtensionNotFound:
+        plen = None
+    if plen is not None and below > plen:
+        raise IkeAuthError(f"issuer '{name}' allows {plen} intermediate CA(s) below it (pathLenConstraint), "
+                           f"the chain has {below}")
+
+
 def verify_chain(ee: x509.Certificate, intermediates: list[x509.Certificate],
                  trusted: list[x509.Certificate], now: datetime.datetime, max_depth: int = 6) -> list[x509.Certificate]:
     """Build and check ee -> intermediates -> a trusted CA. Returns the chain."""
@@ -191,6 +235,7 @@ def verify_chain(ee: x509.Certificate, intermediates: list[x509.Certificate],
     chain = [ee]
     cur = ee
     _check_validity(ee, now)
+    _check_end_entity_usage(ee)
     for _ in range(max_depth):
         for ca in trusted:
             if ca.subject == cur.issuer:
@@ -199,6 +244,7 @@ def verify_chain(ee: x509.Certificate, intermediates: list[x509.Certificate],
                 except IkeAuthError:
                     continue
                 _check_validity(ca, now)
+                _check_issuer(ca, len(chain) - 1)
                 chain.append(ca)
                 return chain
         nxt = next((c for c in intermediates if c.subject == cur.issuer and c is not cur), None)
@@ -209,6 +255,7 @@ def verify_chain(ee: x509.Certificate, intermediates: list[x509.Certificate],
             raise IkeAuthError(f"issuer '{dn_to_str(nxt.subject)}' is not a CA")
         _verify_signed_by(cur, nxt.public_key())
         _check_validity(nxt, now)
+        _check_issuer(nxt, len(chain) - 1)
         chain.append(nxt)
         cur = nxt
     raise IkeAuthError("certificate chain too long")

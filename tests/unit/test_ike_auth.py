@@ -35,12 +35,21 @@ def _name(cn):
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def make_cert(cn, key, issuer_cert=None, issuer_key=None, ca=False, san=(), before=NOW - DAY, after=NOW + 30 * DAY):
+def make_cert(cn, key, issuer_cert=None, issuer_key=None, ca=False, san=(), before=NOW - DAY, after=NOW + 30 * DAY,
+              path_length=None, key_usage=None, eku=None, eku_critical=False):
     b = (x509.CertificateBuilder().subject_name(_name(cn))
          .issuer_name(issuer_cert.subject if issuer_cert else _name(cn))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(before.replace(tzinfo=None)).not_valid_after(after.replace(tzinfo=None))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length if ca else None), critical=True))
+    if key_usage is not None:
+        flags = dict(digital_signature=False, content_commitment=False, key_encipherment=False,
+                     data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                     encipher_only=False, decipher_only=False)
+        flags.update({k: True for k in key_usage})
+        b = b.add_extension(x509.KeyUsage(**flags), critical=True)
+    if eku is not None:
+        b = b.add_extension(x509.ExtendedKeyUsage([x509.ObjectIdentifier(o) for o in eku]), critical=eku_critical)
     if san:
         names = []
         for s in san:
@@ -144,6 +153,33 @@ def test_chain_failures(pki, case, words):
         args = (gw, [], [], NOW)
     with pytest.raises(IkeAuthError, match=words):
         verify_chain(*args)
+
+
+SERVER_AUTH, CLIENT_AUTH, IPSEC_IKE = "1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.17"
+
+
+def test_chain_path_length_and_key_usage():
+    """pathLenConstraint and keyUsage of issuers, keyUsage/critical EKU of the gateway's certificate."""
+    ck = ec.generate_private_key(ec.SECP256R1())
+    ca0 = make_cert("CA0", ck, ca=True, path_length=0, key_usage=["key_cert_sign", "crl_sign"])
+    ik = ec.generate_private_key(ec.SECP256R1())
+    im = make_cert("IM", ik, ca0, ck, ca=True)
+    lk = ec.generate_private_key(ec.SECP256R1())
+    direct = make_cert("gw", lk, ca0, ck, san=["gw"], key_usage=["digital_signature"])
+    assert verify_chain(direct, [], [ca0], NOW)[-1] is ca0                 # no intermediate: allowed
+    via_im = make_cert("gw", lk, im, ik, san=["gw"])
+    with pytest.raises(IkeAuthError, match="pathLenConstraint"):
+        verify_chain(via_im, [im], [ca0], NOW)
+    ca1 = make_cert("CA1", ck, ca=True, path_length=1)
+    im1 = make_cert("IM1", ik, ca1, ck, ca=True, key_usage=["digital_signature"])      # no keyCertSign
+    with pytest.raises(IkeAuthError, match="keyCertSign"):
+        verify_chain(make_cert("gw", lk, im1, ik, san=["gw"]), [im1], [ca1], NOW)
+    with pytest.raises(IkeAuthError, match="digitalSignature"):
+        verify_chain(make_cert("gw", lk, ca1, ck, san=["gw"], key_usage=["key_encipherment"]), [], [ca1], NOW)
+    with pytest.raises(IkeAuthError, match="extendedKeyUsage"):
+        verify_chain(make_cert("gw", lk, ca1, ck, san=["gw"], eku=[CLIENT_AUTH], eku_critical=True), [], [ca1], NOW)
+    for eku, critical in (([CLIENT_AUTH], False), ([SERVER_AUTH], True), ([IPSEC_IKE], True)):
+        verify_chain(make_cert("gw", lk, ca1, ck, san=["gw"], eku=eku, eku_critical=critical), [], [ca1], NOW)
 
 
 def test_certreq_hash_is_sha1_of_spki(pki):
