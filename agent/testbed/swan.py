@@ -172,7 +172,45 @@ def strongswan_conf(name: str, ns: str, vici: Path, log: Path, ipsec: str,
         """).replace("{EXTRA}", textwrap.indent(extra, "    "))
 
 
-class Charon:
+class SwanctlClient:
+    """``swanctl`` against one charon's VICI socket (a Unix socket: usable from any namespace).
+
+    The class using it has ``name``, ``vici``, ``env()`` and ``log_tail()``; ``SWANCTL_TIMEOUT`` and
+    ``INITIATE_SLACK`` tune how long a call may take beyond its own ``--timeout``."""
+
+    SWANCTL_TIMEOUT = 90.0
+    INITIATE_TIMEOUT = 30
+    INITIATE_SLACK = 30
+
+    def swanctl(self, *args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+        env = dict(os.environ, **self.env())
+        p = subprocess.run(["swanctl", *args, "--uri", f"unix://{self.vici}"],
+                           capture_output=True, text=True, env=env, timeout=timeout or self.SWANCTL_TIMEOUT)
+        if check and p.returncode:
+            raise SwanError(f"swanctl {' '.join(args)} ({self.name}): {(p.stdout + p.stderr).strip()}\n"
+                            f"--- charon log ---\n{self.log_tail()}")
+        return p
+
+    def load_all(self) -> None:
+        """``swanctl --load-all``, refusing its silent success on an unparsable swanctl.conf."""
+        p = self.swanctl("--load-all", "--noprompt")
+        out = p.stdout + p.stderr
+        if "invalid config file" in out or "loaded connection" not in out:
+            raise SwanError(f"swanctl --load-all ({self.name}) loaded no connection: {out.strip()}")
+
+    def initiate(self, child: str, ike: str | None = None, timeout: int | None = None) -> subprocess.CompletedProcess:
+        timeout = timeout or self.INITIATE_TIMEOUT
+        args = ["--initiate", "--child", child, "--timeout", str(timeout)]
+        if ike:
+            args += ["--ike", ike]
+        return self.swanctl(*args, timeout=timeout + self.INITIATE_SLACK)
+
+    def list_sas(self) -> str:
+        """``swanctl --list-sas`` as the daemon reports it."""
+        return self.swanctl("--list-sas").stdout
+
+
+class Charon(SwanctlClient):
     """One charon-systemd in a namespace with private configuration, socket and log."""
 
     def __init__(self, base: Path, ns: str, name: str, ipsec: str,
@@ -238,35 +276,9 @@ class Charon:
                 raise SwanError(f"charon {self.name}: no VICI socket after {timeout}s\n{self.log_tail()}")
             time.sleep(0.02)
 
-    def swanctl(self, *args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess:
-        """swanctl against this instance (over its Unix socket: works from any namespace)."""
-        env = dict(os.environ, **self.env())
-        p = subprocess.run(["swanctl", *args, "--uri", f"unix://{self.vici}"],
-                           capture_output=True, text=True, env=env, timeout=timeout)
-        if check and p.returncode:
-            raise SwanError(f"swanctl {' '.join(args)} ({self.name}): {(p.stdout + p.stderr).strip()}\n"
-                            f"--- charon log ---\n{self.log_tail()}")
-        return p
-
-    def load_all(self) -> None:
-        """``swanctl --load-all``, refusing its silent success on an unparsable swanctl.conf."""
-        p = self.swanctl("--load-all", "--noprompt")
-        out = p.stdout + p.stderr
-        if "invalid config file" in out or "loaded connection" not in out:
-            raise SwanError(f"swanctl --load-all ({self.name}) loaded no connection: {out.strip()}")
-
-    def initiate(self, child: str, ike: str | None = None, timeout: int = 30) -> subprocess.CompletedProcess:
-        args = ["--initiate", "--child", child, "--timeout", str(timeout)]
-        if ike:
-            args += ["--ike", ike]
-        return self.swanctl(*args, timeout=timeout + 30)
-
     def terminate(self, ike: str, timeout: int = 10) -> subprocess.CompletedProcess:
         return self.swanctl("--terminate", "--ike", ike, "--timeout", str(timeout), check=False,
                             timeout=timeout + 30)
-
-    def list_sas(self) -> str:
-        return self.swanctl("--list-sas").stdout
 
     def log_tail(self, n: int = 3000) -> str:
         try:

@@ -14,12 +14,12 @@ with strongSwan's ``pki`` tool.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 from agent.testbed.swan import Pki as _ProductPki
+from agent.testbed.swan import SwanctlClient
 from agent.testbed.swan import strongswan_conf
 
 from .procs import Procs, wait_until
@@ -51,7 +51,9 @@ class Pki(_ProductPki):
         super().__init__(path, org)
 
 
-class Charon:
+class Charon(SwanctlClient):
+    SWANCTL_TIMEOUT, INITIATE_TIMEOUT, INITIATE_SLACK = 60.0, 20, 10
+
     def __init__(self, base: Path, ns: Netns, name: str, procs: Procs, ipsec: str = "libipsec",
                  interfaces_use: list[str] | None = None, extra_conf: str = "") -> None:
         assert ipsec in ("libipsec", "kernel")
@@ -100,37 +102,14 @@ class Charon:
         if self.proc:
             self.proc.stop()
 
-    def swanctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        env = dict(os.environ, **self.env())
-        p = subprocess.run(["ip", "netns", "exec", self.ns.name, "swanctl", *args, "--uri", f"unix://{self.vici}"],
-                           capture_output=True, text=True, env=env, timeout=timeout)
-        if check and p.returncode:
-            raise RuntimeError(f"swanctl {' '.join(args)} ({self.name}): {p.stdout}{p.stderr}\n--- log ---\n"
-                               + self.log_text()[-3000:])
-        return p
-
-    def load_all(self) -> None:
-        """``swanctl --load-all``, refusing its silent success on an unparsable swanctl.conf."""
-        p = self.swanctl("--load-all", "--noprompt")
-        out = p.stdout + p.stderr
-        if "invalid config file" in out or "loaded connection" not in out:
-            raise RuntimeError(f"swanctl --load-all ({self.name}) loaded no connection: {out.strip()}")
-
-    def initiate(self, child: str, ike: str | None = None, timeout: int = 20) -> subprocess.CompletedProcess:
-        args = ["--initiate", "--child", child, "--timeout", str(timeout)]
-        if ike:
-            args += ["--ike", ike]
-        return self.swanctl(*args, timeout=timeout + 10)
-
-    def list_sas(self) -> str:
-        """``swanctl --list-sas`` as the daemon reports it over its VICI socket."""
-        return self.swanctl("--list-sas").stdout
-
     def log_text(self) -> str:
         try:
             return self.log.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_text()[-n:]
 
 
 def gateway_swanctl(local_addr: str, local_ts: list[str], pool: str, psk: str | None = None,
