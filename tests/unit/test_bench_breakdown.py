@@ -1,0 +1,29 @@
+"""The bench's MOBIKE step breakdown and the host-CPU estimate (pure arithmetic)."""
+
+from agent.bench import breakdown, calib
+
+
+def test_mobike_steps_relative_to_the_lease():
+    moves = [
+        {"mobike_only": True, "steps": {"lease": 100.0, "address_configured": 130.0, "vpn_called": 132.0,
+                                        "mobike_sent": 160.0, "mobike_answer_rx": 162.0, "mobike_answered": 180.0}},
+        {"mobike_only": True, "steps": {"lease": 50.0, "address_configured": 70.0, "vpn_called": 71.0,
+                                        "mobike_sent": 101.0, "mobike_answer_rx": 104.0, "mobike_answered": 130.0}},
+        {"mobike_only": False, "steps": {"lease": 1.0, "address_configured": 999.0}},      # not MOBIKE-only
+        {"mobike_only": True},                                                            # an old report
+    ]
+    s = breakdown.mobike_steps(moves)
+    assert s["n"] == 2
+    assert s["address_configured"] == 25.0 and s["mobike_sent"] == 55.5 and s["mobike_answered"] == 80.0
+
+
+def test_emulation_factor_and_estimate():
+    res = {"machines": [{"vm": False, "python_speed": {"per_s": 40000}},
+                        {"vm": True, "python_speed": {"per_s": 1600}}]}
+    f, host, vm = breakdown.emulation_factor(res)
+    assert f == 25.0 and host["per_s"] == 40000 and vm["per_s"] == 1600
+    assert breakdown.host_estimate(120.0, 20.0, f) == 24.0          # 20 ms of netem stay, 100 ms / 25
+    assert breakdown.host_estimate(10.0, 20.0, f) == 20.0           # never below the added delay
+    assert breakdown.host_estimate(None, 0.0, f) is None
+    assert breakdown.emulation_factor({"machines": [{"vm": True, "python_speed": {"error": "x"}}]})[0] is None
+    assert calib.factor({"per_s": 10}, {"per_s": 0}) is None
