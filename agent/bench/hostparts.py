@@ -1,8 +1,9 @@
 """The parts that reuse the project's benchmark scripts: the BPF gate and the i-HA.
 
-* gate: ``scripts/bench_gate.py`` runs as it is (its own namespaces, iperf3
-  UDP through a veth, configurations alternating within the run); its
-  printed table is parsed into numbers and kept verbatim in the report.
+* gate: ``scripts/bench_gate.py --json`` runs as it is (its own namespaces,
+  iperf3 UDP through a veth; no program, empty programs and the open gate on
+  the same hooks taking turns in short slices, judged by paired ratios);
+  its JSON is the part's numbers, its printed tables are kept as "output".
 * mobike: ``scripts/bench_mobike.py --json``: our VPN client alone next to
   strongSwan's client, address change -> the gateway updated the SA.
 * ha: ``run_one(backend, n, ipip_max)`` of ``scripts/bench_ha.py``, one fresh
@@ -15,9 +16,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,66 +29,41 @@ MOBIKE_SCRIPT = TOP / "scripts" / "bench_mobike.py"
 
 
 # -- gate ------------------------------------------------------------------------------------------
-ROW = re.compile(r"^\s+(egress|ingress)\s.*?([\d.]+) kpps\s+([\d.]+) kpps\s+([\d.]+) kpps\s+([\d.]+) / ([\d.]+)\s*$")
+DEFAULT_GATE = "gate_xdp"    # the agent's configuration: TC egress + XDP ingress
 
 
-def parse_gate(text: str) -> dict:
-    """Numbers out of bench_gate.py's output (unknown lines are ignored, the text is kept)."""
-    out: dict = {"rows": {}}
-    for line in text.splitlines():
-        m = ROW.match(line)
-        if m:
-            d = m.group(1)
-            out["rows"][d] = {"none_kpps": float(m.group(2)), "open_xdp_kpps": float(m.group(3)),
-                              "open_tc_kpps": float(m.group(4)), "ratio_xdp": float(m.group(5)),
-                              "ratio_tc": float(m.group(6))}
-        if line.strip().startswith("rounds (kpps):"):
-            out["rounds_kpps"] = {k: [float(x) for x in v.split()] for k, v in
-                                  (part.strip().split(" ", 1) for part in line.split(":", 1)[1].split(";")
-                                   if " " in part.strip())}
-        m = re.search(r"closed/none = ([\d.]+)", line)
-        if m:
-            out["closed_sender_ratio"] = float(m.group(1))
-        m = re.search(r"dropped and counted by the gate: (\d+) of (\d+)", line)
-        if m:
-            out["closed_dropped"], out["closed_sent"] = int(m.group(1)), int(m.group(2))
-        m = re.match(r"\s+(TC egress|XDP ingress)\s+(open|closed)\s+(\S+)\s+->\s+(\S+)\s+(\d+) ns", line)
-        if m:
-            out.setdefault("prog_ns", []).append({"hook": m.group(1), "state": m.group(2), "packet": m.group(3),
-                                                  "verdict": m.group(4), "ns": int(m.group(5))})
-        m = re.match(r"UDP (\d+)-byte payload, iperf3 -b 0, (\d+) rounds x ([\d.]+) s", line)
-        if m:
-            out["payload"], out["rounds"], out["seconds"] = int(m.group(1)), int(m.group(2)), float(m.group(3))
-    rows = out["rows"]
-    if "egress" in rows and "ingress" in rows:
-        # the agent's default configuration: TC on egress, XDP on ingress
-        out["ratio_egress"] = rows["egress"]["ratio_xdp"]
-        out["ratio_ingress_xdp"] = rows["ingress"]["ratio_xdp"]
-        out["ratio_ingress_tc"] = rows["ingress"]["ratio_tc"]
-        out["worst_ratio"] = min(out["ratio_egress"], out["ratio_ingress_xdp"])
-        spreads = []
-        for key in ("eg/none", "in/none"):
-            vals = out.get("rounds_kpps", {}).get(key) or []
-            if len(vals) > 1:
-                mid = sorted(vals)[len(vals) // 2]
-                spreads.append((max(vals) - min(vals)) / mid if mid else 0.0)
-        if spreads:
-            # how far the baseline itself moved between rounds: larger than the 3 % margin means the
-            # ratio cannot decide the goal on this machine
-            out["baseline_spread"] = round(max(spreads), 3)
+def parse_gate(doc: dict) -> dict:
+    """bench_gate.py's ``--json`` document plus the headline: the median paired ratio (gate open / no
+    program, same round) of the agent's default configuration per direction, and of TC ingress."""
+    out = dict(doc)
+    paired = doc.get("paired") or {}
+    try:
+        out["ratio_egress"] = paired["egress"][DEFAULT_GATE]["median"]
+        out["ratio_ingress_xdp"] = paired["ingress"][DEFAULT_GATE]["median"]
+        out["ratio_ingress_tc"] = paired["ingress"]["gate_tc"]["median"]
+    except (KeyError, TypeError):
+        return out
+    out["worst_ratio"] = min(out["ratio_egress"], out["ratio_ingress_xdp"])
     return out
 
 
 def run_gate(seconds: float, rounds: int, repeat: int, log) -> dict:
     if not GATE_SCRIPT.exists():
         return {"not_measured": f"{GATE_SCRIPT} is missing"}
-    argv = [sys.executable, str(GATE_SCRIPT), "--seconds", str(seconds), "--rounds", str(rounds),
-            "--repeat", str(repeat)]
-    log(f"gate: {' '.join(argv[1:])}")
-    t0 = time.monotonic()
-    p = subprocess.run(argv, capture_output=True, text=True, cwd=TOP, timeout=3600)
-    res = parse_gate(p.stdout)
-    res.update(command=" ".join(["python", *argv[1:]]), output=p.stdout.strip(), elapsed_s=round(time.monotonic() - t0, 1))
+    with tempfile.TemporaryDirectory(prefix="mipmobike-gate-") as td:
+        jpath = Path(td) / "gate.json"
+        argv = [sys.executable, str(GATE_SCRIPT), "--seconds", str(seconds), "--rounds", str(rounds),
+                "--repeat", str(repeat), "--json", str(jpath)]
+        log(f"gate: {' '.join(argv[1:-2])}")
+        t0 = time.monotonic()
+        p = subprocess.run(argv, capture_output=True, text=True, cwd=TOP, timeout=3600)
+        try:
+            doc = json.loads(jpath.read_text())
+        except (OSError, ValueError):
+            doc = None
+    res = parse_gate(doc) if isinstance(doc, dict) else {}
+    res.update(command=" ".join(["python", *argv[1:-2]]), output=p.stdout.strip(),
+               elapsed_s=round(time.monotonic() - t0, 1))
     if p.returncode or "worst_ratio" not in res:
         res["not_measured"] = f"bench_gate.py exit {p.returncode}: {(p.stderr or p.stdout).strip()[-600:]}"
     for line in p.stdout.splitlines():

@@ -13,27 +13,39 @@ import subprocess
 import sys
 
 from agent.bench.hostparts import parse_gate
-from agent.bench.report import goals
+from agent.bench.report import goals, markdown
 from agent.bench.stats import percentile, summary
 from tests.lib.names import RUN, ns_prefix
 
-GATE_SAMPLE = """\
-gate compiled and loaded in 0.01 s (bcc, once per process)
+def _spread(vals):
+    vals = sorted(vals)
+    return {"ratios": vals, "median": vals[len(vals) // 2], "min": vals[0], "max": vals[-1]}
 
-UDP 64-byte payload, iperf3 -b 0, 3 rounds x 2 s, configurations alternating; pps counted by the receiving veth
-                                   no program   open, XDP in    open, TC in   ratio to none
-  egress  A->B (TC egress)        200.0 kpps     196.0 kpps     195.0 kpps   0.980 / 0.975
-  ingress B->A (XDP or TC)        210.0 kpps     205.8 kpps     199.5 kpps   0.980 / 0.950
-  rounds (kpps): eg/none 200 201 199
 
-closed (UDP dropped by the gate at A's TC egress), one Python sender on a connected socket:
-  sender            none    300.0 kpps   closed    290.0 kpps   closed/none = 0.967
-  dropped and counted by the gate: 870000 of 870000 sent
-
-per-packet program cost (BPF_PROG_TEST_RUN, 1000000 runs each; no program = 0 ns):
-  TC egress    open   any  -> pass    12 ns
-  XDP ingress  closed ike  -> pass    30 ns
-"""
+def gate_sample(egress=(0.98, 0.99, 0.985), ingress=(0.97, 0.975, 0.99)) -> dict:
+    """What bench_gate.py --json writes (the fields the report reads)."""
+    cfgs = {"none": "no program", "none_aa": "no program, again (A/A control)",
+            "empty_xdp": "empty programs, TC egress + XDP ingress", "empty_tc": "empty programs, TC egress + TC ingress",
+            "gate_xdp": "gate open, TC egress + XDP ingress (default)", "gate_tc": "gate open, TC egress + TC ingress"}
+    paired = {d: {"none_aa": _spread([1.0, 0.99, 1.01]), "empty_xdp": _spread([0.99, 1.0, 1.0]),
+                  "empty_tc": _spread([1.0, 1.0, 0.99]), "gate_xdp": _spread(list(r)),
+                  "gate_tc": _spread([0.98, 0.98, 0.99])} for d, r in (("egress", egress), ("ingress", ingress))}
+    model = {k: {"hook": h, "packet_ns": 5000, "cpu_packet_ns": 4800, "gate_ns": 60, "empty_ns": 30, "logic_ns": 30,
+                 "fraction": 0.012, "predicted_ratio": 0.988, "cpu_fraction": 0.0125, "logic_fraction": 0.006}
+             for k, h in (("egress", "TC egress"), ("ingress_xdp", "XDP ingress"), ("ingress_tc", "TC ingress"))}
+    return {"version": 2, "payload": 64, "rounds": 3, "seconds": 2.0, "slice": 0.25, "repeat": 1000,
+            "cpus": {"client": 0, "server": 1}, "configs": cfgs,
+            "median_kpps": {d: {c: 200.0 for c in cfgs} for d in ("egress", "ingress")},
+            "median_cpu_ns": {d: {c: 4800.0 for c in cfgs} for d in ("egress", "ingress")},
+            "paired": paired, "cpu_paired": paired,
+            "gate_vs_empty": {d: {"gate_xdp": _spread([0.99, 0.99, 1.0]), "gate_tc": _spread([0.98, 0.99, 1.0])}
+                              for d in ("egress", "ingress")},
+            "closed": {"paired": _spread([2.0, 2.1, 2.05]), "dropped": 1000, "sent": 1000},
+            "prog_ns": [{"hook": "TC egress", "prog": "gate_egress", "state": "open", "packet": "any",
+                         "verdict": "pass", "ns": 60},
+                        {"hook": "TC egress", "prog": "gate_egress", "state": "closed", "packet": "udp",
+                         "verdict": "drop", "ns": 80}],
+            "empty_ns": {"TC": 30, "XDP": 25}, "cost_model": model}
 
 
 def test_bench_harness_runs_and_reports(tmp_path):
@@ -88,20 +100,44 @@ def test_bench_harness_runs_and_reports(tmp_path):
     assert (again / "bench-latest.md").read_text() == md
 
 
-def test_gate_output_parsed_and_judged():
-    g = parse_gate(GATE_SAMPLE)
-    assert g["rows"]["egress"]["none_kpps"] == 200.0 and g["rows"]["ingress"]["ratio_tc"] == 0.95
-    assert g["worst_ratio"] == 0.98 and g["closed_sender_ratio"] == 0.967
-    assert g["closed_dropped"] == 870000 and len(g["prog_ns"]) == 2 and g["rounds"] == 3
-    assert g["rounds_kpps"]["eg/none"] == [200.0, 201.0, 199.0] and g["baseline_spread"] == 0.01
-    res = {"parts": {"gate": g, "handover": None, "goodput": None}}
+def test_gate_json_judged_and_rendered():
+    g = parse_gate(gate_sample())
+    assert (g["ratio_egress"], g["ratio_ingress_xdp"], g["ratio_ingress_tc"]) == (0.985, 0.975, 0.98)
+    assert g["worst_ratio"] == 0.975
+    res = {"parts": {"gate": g}}
     gate_goal = goals(res)[4]
-    assert gate_goal["status"] == "met" and gate_goal["value"] == 0.98
-    res["parts"]["gate"] = parse_gate(GATE_SAMPLE.replace("0.980 / 0.950", "0.960 / 0.950"))
-    assert goals(res)[4]["status"] == "not met"
-    res["parts"]["gate"] = parse_gate(GATE_SAMPLE.replace("eg/none 200 201 199", "eg/none 200 150 199"))
+    assert gate_goal["status"] == "met" and gate_goal["value"] == 0.975, gate_goal
+    assert "A/A control" in gate_goal["detail"] and "TC ingress" in gate_goal["detail"]
+    # a clear shortfall on the XDP hook: not met, and the empty program's share is named
+    res["parts"]["gate"] = parse_gate(gate_sample(ingress=(0.80, 0.82, 0.85)))
+    gate_goal = goals(res)[4]
+    assert gate_goal["status"] == "not met" and "the hook on veth" in gate_goal["detail"], gate_goal
+    # rounds on both sides of 0.97 with the median near it: cannot decide
+    res["parts"]["gate"] = parse_gate(gate_sample(egress=(0.90, 0.975, 1.05)))
     assert goals(res)[4]["status"] == "inconclusive"
+    # both sides of 0.97 but the median well clear of it: decided
+    res["parts"]["gate"] = parse_gate(gate_sample(egress=(0.96, 1.0, 1.0)))
+    assert goals(res)[4]["status"] == "met"
+    md = markdown({"parts": {"gate": g}, "goals": goals({"parts": {"gate": g}})})
+    sec = md[md.index("## BPF gate cost"):]
+    assert "Egress A→B" in sec and "Ingress B→A" in sec and "| TC egress | 30 | 60 | 30 |" in sec
     assert goals({"parts": {}})[4]["status"] == "not measured"
+    assert "not_measured" not in g
+
+
+def test_gate_old_report_still_judged():
+    """A report written before the paired design (ratios of medians) renders and is judged as it was."""
+    old = {"rows": {"egress": {"none_kpps": 200.0, "open_xdp_kpps": 196.0, "open_tc_kpps": 195.0,
+                               "ratio_xdp": 0.98, "ratio_tc": 0.975},
+                    "ingress": {"none_kpps": 210.0, "open_xdp_kpps": 205.8, "open_tc_kpps": 199.5,
+                                "ratio_xdp": 0.98, "ratio_tc": 0.95}},
+           "rounds_kpps": {"eg/none": [200.0, 150.0, 199.0]}, "ratio_egress": 0.98, "ratio_ingress_xdp": 0.98,
+           "ratio_ingress_tc": 0.95, "worst_ratio": 0.98, "baseline_spread": 0.251, "rounds": 3, "seconds": 2.0,
+           "payload": 64}
+    res = {"parts": {"gate": old}}
+    assert goals(res)[4]["status"] == "inconclusive"
+    md = markdown({**res, "goals": goals(res)})
+    assert "ratios of medians, not paired" in md and "| egress | 200.0 |" in md
 
 
 def test_stats():
