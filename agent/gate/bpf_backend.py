@@ -325,8 +325,29 @@ class BpfBackend:
                     log.warning("gate: %s: XDP hook taken by another program; gating ingress with TC",
                                 ifname)
                     self._tc_attach(ipr, ifname, ifindex, TC_INGRESS, "gate_ingress_tc")
+                else:
+                    self._drop_tc_ingress(ipr, ifindex)
             else:
                 self._tc_attach(ipr, ifname, ifindex, TC_INGRESS, "gate_ingress_tc")
+                self._drop_our_xdp(ipr, ifindex)
+
+    # an adopted gate may sit on the other ingress hook (an earlier run with another
+    # gate.ingress): the new hook is attached first, then the old one goes, so the
+    # link is never ungated in between
+    def _drop_tc_ingress(self, ipr, ifindex) -> None:
+        try:
+            for f in ipr.get_filters(ifindex, parent=TC_INGRESS):
+                opts = f.get_attr("TCA_OPTIONS")
+                if opts is not None and opts.get_attr("TCA_BPF_NAME") == self.tc_name:
+                    ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=TC_INGRESS, prio=f["info"] >> 16)
+        except NetlinkError as e:
+            if e.code not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
+                raise
+
+    def _drop_our_xdp(self, ipr, ifindex) -> None:
+        xid = self._xdp_prog_id(ipr, ifindex)
+        if xid and self._is_our_prog(xid):
+            ipr.link("set", index=ifindex, xdp_fd=-1)
 
     def _tc_attach(self, ipr, ifname, ifindex, parent, prog) -> None:
         try:

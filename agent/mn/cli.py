@@ -26,7 +26,8 @@ def build(cfg):
     from agent.mn.datapath import Datapath
 
     backend = {"auto": "auto", "bpf": "bpf", "nftables": "netfilter", "iptables": "netfilter"}[cfg.gate_backend]
-    gate = Gate(cfg.gate_instance, backend=backend, bpffs=cfg.gate_bpffs, cache_dir=GATE_CACHE)
+    gate = Gate(cfg.gate_instance, backend=backend, bpffs=cfg.gate_bpffs, cache_dir=GATE_CACHE,
+                ingress=cfg.gate_ingress)
     datapath = Datapath(cfg.home_address, cfg.home_agent, cfg.vpn.gateway if cfg.vpn else None, kind=cfg.datapath)
     vpn = None
     if cfg.vpn is not None:

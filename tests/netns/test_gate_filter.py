@@ -484,6 +484,36 @@ def test_lost_pins_are_recovered_from_attached_programs(ingress, lab, bpffs, gat
     assert "xdp" not in lab.mn.ip("link", "show", lab.mn_if).stdout
 
 
+def test_ingress_hook_switch_on_adoption(lab, bpffs, gate_cache):
+    """A restart with another gate.ingress moves the adopted gate to that hook: the new hook is
+    attached before the old one goes (the link stays closed throughout), and only one remains."""
+    inst = _instance()
+    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress="xdp")
+    g2 = g3 = None
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(lab.mn_if)
+        assert "xdp" in lab.mn.ip("link", "show", lab.mn_if).stdout
+        g.release()
+        g2 = Gate(inst, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress="tc")
+        assert g2.adopted and g2.attach(lab.mn_if) == GateState.CLOSED
+        assert "xdp" not in lab.mn.ip("link", "show", lab.mn_if).stdout
+        assert "bpf" in lab.mn.run("tc", "filter", "show", "dev", lab.mn_if, "ingress").stdout
+        assert not echo_ok(lab.mn, OTHER)
+        g2.release()
+        g3 = Gate(inst, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress="xdp")
+        g3.attach(lab.mn_if)
+        assert "xdp" in lab.mn.ip("link", "show", lab.mn_if).stdout
+        assert "bpf" not in lab.mn.run("tc", "filter", "show", "dev", lab.mn_if, "ingress").stdout
+        assert not echo_ok(lab.mn, OTHER)
+        g3.open(lab.mn_if)
+        assert echo_ok(lab.mn, OTHER, 2)
+    finally:
+        last = g3 or g2 or g
+        last.destroy()
+        last.release()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_usable_from_an_asyncio_daemon(backend, lab, bpffs, gate_cache):
     """The MN daemon is asyncio; pyroute2's synchronous calls cannot run inside a
