@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from . import breakdown
 from .stats import ratio
 
 MOBIKE_MOVES = ("external-1 -> external-2", "external-2 -> external-1")
@@ -100,6 +101,7 @@ def goals(res: dict) -> list[dict]:
     g = {"goal": "MOBIKE-only moves: the MOBIKE update done within 1 RTT + 20 ms of the new address being usable "
                  "(agent: lease -> update answered, median)", "target": "<= RTT + 20 ms"}
     per, missing = {}, []
+    factor, _, _ = breakdown.emulation_factor(res)
     for rtt, a in (h.get("rtts") or {}).items():
         rtt_ms = a.get("rtt_to_gateway_ms")
         moves = [m for m in a["moves"] if m.get("mobike_only") and m.get("lease_to_mobike") is not None]
@@ -109,11 +111,23 @@ def goals(res: dict) -> list[dict]:
         vals = sorted(m["lease_to_mobike"] for m in moves)
         bound = (rtt_ms if rtt_ms is not None else float(rtt)) + 20
         exch = sorted(m["mobike_rtt_ms"] for m in moves if m.get("mobike_rtt_ms") is not None)
-        per[f"+{rtt} ms"] = {"median_ms": round(_median(vals), 1), "max_ms": vals[-1], "n": len(vals),
+        med = round(_median(vals), 1)
+        est = breakdown.host_estimate(med, float(rtt), factor)
+        per[f"+{rtt} ms"] = {"median_ms": med, "max_ms": vals[-1], "n": len(vals),
                              "exchange_median_ms": round(_median(exch), 1) if exch else None,
-                             "rtt_ms": rtt_ms, "bound_ms": round(bound, 1), "ok": _median(vals) <= bound}
+                             "rtt_ms": rtt_ms, "bound_ms": round(bound, 1), "ok": med <= bound,
+                             "steps": breakdown.mobike_steps(moves),
+                             "host_cpu_estimate_ms": est,
+                             "host_cpu_estimate_ok": None if est is None else est <= float(rtt) + 20}
     details = [f"{k}: {v['median_ms']} ms vs {v['bound_ms']} ms (the exchange itself {v['exchange_median_ms']} ms, "
                f"n={v['n']})" for k, v in per.items()] + missing
+    ests = {k: v["host_cpu_estimate_ms"] for k, v in per.items() if v.get("host_cpu_estimate_ms") is not None}
+    if ests and factor:
+        within = all(per[k]["host_cpu_estimate_ok"] for k in ests)
+        details.append(f"estimate on the host's CPU (the VM's emulated part divided by the measured emulation "
+                       f"factor {factor}×; not a measurement): "
+                       + ", ".join(f"{k} {v} ms" for k, v in ests.items())
+                       + (" — within RTT + 20 ms" if within else " — still above RTT + 20 ms"))
     mb = parts.get("mobike") or {}
     if mb.get("ours_median_ms") is not None:
         details.append(f"VPN client alone (bench_mobike, {mb.get('backend')} ESP, veth RTT): address change -> "
@@ -121,7 +135,7 @@ def goals(res: dict) -> list[dict]:
                        f"{mb.get('strongswan_median_ms')} ms")
     if per:
         g.update(status="met" if all(v["ok"] for v in per.values()) else "not met", per=per,
-                 detail="; ".join(details))
+                 detail="; ".join(details), emulation_factor=factor)
     elif mb.get("ours_median_ms") is not None:
         g.update(status="met" if mb["ours_median_ms"] <= 20 else "not met",
                  detail="judged on the VPN client alone (the agent's moves were not measured): " + "; ".join(details))
@@ -261,6 +275,11 @@ def markdown(res: dict) -> str:
     A(f"- host: {_machine_line(meta.get('host'))}")
     if meta.get("vm"):
         A(f"- VM: {_machine_line(meta.get('vm'))}")
+    factor, hps, vps = breakdown.emulation_factor(res)
+    if factor:
+        A(f"- emulation factor: {factor}× — the same Python workload ({hps.get('workload')}) ran "
+          f"{hps['per_s']:,}/s on the host and {vps['per_s']:,}/s in the VM (best of {len(vps.get('runs', []))}); "
+          "figures marked *estimate* divide the VM's emulated time by it")
     A("")
     A("Ratios measured side by side in one run are the headline; absolute figures depend on the machine "
       "(a loaded 2-core host; under TCG every instruction is emulated, so absolute times there are many "
@@ -310,6 +329,12 @@ def markdown(res: dict) -> str:
                 A("")
                 A("Failures: " + " — ".join(fails))
             A("")
+            st = breakdown.mobike_steps(a["moves"])
+            if st.get("n"):
+                A(f"Where a MOBIKE-only move's time goes (the agent's own step marks, ms after the lease, "
+                  f"median of {st['n']}): " + " → ".join(f"{label} {_f(st.get(key))}"
+                                                         for key, label in breakdown.STEPS) + ".")
+                A("")
         if h.get("strongswan"):
             for rtt, s in h["strongswan"].items():
                 A(f"### strongSwan's client, added RTT {rtt} ms")
