@@ -13,8 +13,8 @@ different CPUs (``-A``). Configurations of A's end of the veth:
     none_aa    the same again: an A/A control, the method's own scatter
     empty_xdp  empty programs: TC egress (TC_ACT_UNSPEC) + XDP ingress (XDP_PASS)
     empty_tc   empty programs: TC egress + TC ingress
-    gate_xdp   the gate, open: TC egress + XDP ingress (the agent's default)
-    gate_tc    the gate, open: TC egress + TC ingress
+    gate_xdp   the gate, open: TC egress + XDP ingress (gate.ingress = xdp)
+    gate_tc    the gate, open: TC egress + TC ingress (gate.ingress = tc; what "auto" picks on a veth)
 
 and, with ``--configs``, diagnostics: ``clsact`` (the qdisc without a
 filter), ``sham`` (the empty programs on an idle second veth in A: what
@@ -90,8 +90,8 @@ CONFIGS = {
     "none_aa": "no program, again (A/A control)",
     "empty_xdp": "empty programs, TC egress + XDP ingress",
     "empty_tc": "empty programs, TC egress + TC ingress",
-    "gate_xdp": "gate open, TC egress + XDP ingress (default)",
-    "gate_tc": "gate open, TC egress + TC ingress",
+    "gate_xdp": "gate open, TC egress + XDP ingress",
+    "gate_tc": "gate open, TC egress + TC ingress (default on veth)",
 }
 EXTRA_CONFIGS = {
     "clsact": "clsact qdisc, no filter",

@@ -60,7 +60,8 @@ class Gate:
                DETECT_MARK for a new one); the detection socket sets DETECT_MARK
     netns      work in this named network namespace (default: the current one)
     cache_dir  where the compiled BPF may be cached across restarts (None: per process)
-    ingress    "xdp" (default) or "tc": the ingress hook of the BPF gate
+    ingress    "xdp" (default), "tc", or "auto" (per link: native XDP on physical NICs whose driver
+               has it, TC on virtual devices and where XDP would run in generic mode)
     create     False: only adopt an installed gate (``mipmobike gate`` uses this)
     """
 
@@ -71,8 +72,8 @@ class Gate:
             raise GateError(f"gate instance name {instance!r}: want 1-20 letters, digits, '-' or '_'")
         if backend not in ("auto", "bpf", "netfilter"):
             raise GateError(f"gate backend {backend!r}: want auto, bpf or netfilter")
-        if ingress not in ("xdp", "tc"):
-            raise GateError(f"gate ingress hook {ingress!r}: want xdp or tc")
+        if ingress not in ("xdp", "tc", "auto"):
+            raise GateError(f"gate ingress hook {ingress!r}: want xdp, tc or auto")
         self.instance = instance
         self.netns = netns
         self.ipset_name = f"mipmobike-{instance}"

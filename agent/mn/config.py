@@ -111,7 +111,7 @@ class MnConfig:
     gate_backend: str = "auto"
     gate_bpffs: str = "/run/mipmobike/bpf"
     gate_instance: str = "mn"
-    gate_ingress: str = "xdp"             # the BPF gate's ingress hook: "xdp" or "tc"
+    gate_ingress: str = "auto"            # the BPF gate's ingress hook: "auto", "xdp" or "tc"
 
 
 def _str_item(d, k, where):
@@ -200,7 +200,7 @@ def parse(doc: dict) -> MnConfig:
     cfg.gate_backend = c.get_str(g, "backend", "gate", "auto", choices=("auto", "bpf", "nftables", "iptables"))
     cfg.gate_bpffs = c.get_str(g, "bpffs", "gate", "/run/mipmobike/bpf")
     cfg.gate_instance = c.get_str(g, "instance", "gate", "mn")
-    cfg.gate_ingress = c.get_str(g, "ingress", "gate", "xdp", choices=("xdp", "tc"))
+    cfg.gate_ingress = c.get_str(g, "ingress", "gate", "auto", choices=("auto", "xdp", "tc"))
     if not cfg.gate_instance.replace("-", "").replace("_", "").isalnum() or len(cfg.gate_instance) > 20:
         raise c.ConfigError("gate.instance", "letters, digits, '-' and '_' only, at most 20 characters")
     return cfg

@@ -22,14 +22,17 @@ def _spread(vals):
     return {"ratios": vals, "median": vals[len(vals) // 2], "min": vals[0], "max": vals[-1]}
 
 
-def gate_sample(egress=(0.98, 0.99, 0.985), ingress=(0.97, 0.975, 0.99)) -> dict:
+def gate_sample(egress=(0.98, 0.99, 0.985), ingress=(0.97, 0.975, 0.99), xdp_ingress=(0.80, 0.81, 0.82)) -> dict:
     """What bench_gate.py --json writes (the fields the report reads)."""
     cfgs = {"none": "no program", "none_aa": "no program, again (A/A control)",
             "empty_xdp": "empty programs, TC egress + XDP ingress", "empty_tc": "empty programs, TC egress + TC ingress",
             "gate_xdp": "gate open, TC egress + XDP ingress (default)", "gate_tc": "gate open, TC egress + TC ingress"}
-    paired = {d: {"none_aa": _spread([1.0, 0.99, 1.01]), "empty_xdp": _spread([0.99, 1.0, 1.0]),
-                  "empty_tc": _spread([1.0, 1.0, 0.99]), "gate_xdp": _spread(list(r)),
-                  "gate_tc": _spread([0.98, 0.98, 0.99])} for d, r in (("egress", egress), ("ingress", ingress))}
+    # gate_tc is what gate.ingress = "auto" runs on a veth (the judged default); gate_xdp the XDP hook
+    paired = {d: {"none_aa": _spread([1.0, 0.99, 1.01]),
+                  "empty_xdp": _spread([0.99, 1.0, 1.0] if d == "egress" else [0.81, 0.82, 0.80]),
+                  "empty_tc": _spread([1.0, 1.0, 0.99]), "gate_xdp": _spread(list(x)),
+                  "gate_tc": _spread(list(r))}
+              for d, r, x in (("egress", egress, egress), ("ingress", ingress, xdp_ingress))}
     model = {k: {"hook": h, "packet_ns": 5000, "cpu_packet_ns": 4800, "gate_ns": 60, "empty_ns": 30, "logic_ns": 30,
                  "fraction": 0.012, "predicted_ratio": 0.988, "cpu_fraction": 0.0125, "logic_fraction": 0.006}
              for k, h in (("egress", "TC egress"), ("ingress_xdp", "XDP ingress"), ("ingress_tc", "TC ingress"))}
@@ -102,16 +105,17 @@ def test_bench_harness_runs_and_reports(tmp_path):
 
 def test_gate_json_judged_and_rendered():
     g = parse_gate(gate_sample())
-    assert (g["ratio_egress"], g["ratio_ingress_xdp"], g["ratio_ingress_tc"]) == (0.985, 0.975, 0.98)
-    assert g["worst_ratio"] == 0.975
+    assert (g["ratio_egress"], g["ratio_ingress_xdp"], g["ratio_ingress_tc"]) == (0.985, 0.81, 0.975)
+    assert g["worst_ratio"] == 0.975 and g["default_config"] == "gate_tc"
     res = {"parts": {"gate": g}}
     gate_goal = goals(res)[4]
     assert gate_goal["status"] == "met" and gate_goal["value"] == 0.975, gate_goal
-    assert "A/A control" in gate_goal["detail"] and "TC ingress" in gate_goal["detail"]
-    # a clear shortfall on the XDP hook: not met, and the empty program's share is named
+    assert "A/A control" in gate_goal["detail"] and "With XDP ingress instead" in gate_goal["detail"]
+    assert "gate.ingress = auto" in gate_goal["detail"]
+    # a clear shortfall on the default hook: not met, and the empty program's share is named
     res["parts"]["gate"] = parse_gate(gate_sample(ingress=(0.80, 0.82, 0.85)))
     gate_goal = goals(res)[4]
-    assert gate_goal["status"] == "not met" and "the hook on veth" in gate_goal["detail"], gate_goal
+    assert gate_goal["status"] == "not met" and "an empty program on the same hook" in gate_goal["detail"], gate_goal
     # rounds on both sides of 0.97 with the median near it: cannot decide
     res["parts"]["gate"] = parse_gate(gate_sample(egress=(0.90, 0.975, 1.05)))
     assert goals(res)[4]["status"] == "inconclusive"

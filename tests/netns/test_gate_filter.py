@@ -484,6 +484,25 @@ def test_lost_pins_are_recovered_from_attached_programs(ingress, lab, bpffs, gat
     assert "xdp" not in lab.mn.ip("link", "show", lab.mn_if).stdout
 
 
+def test_auto_ingress_is_tc_on_a_veth(lab, bpffs, gate_cache):
+    """gate.ingress = "auto": a virtual device (a veth here) gets the TC ingress hook, no XDP."""
+    from agent.gate.bpf_backend import XDP_ATTACHED_SKB, choose_ingress
+    assert choose_ingress("veth", None) == "tc" and choose_ingress(None, XDP_ATTACHED_SKB) == "tc"
+    assert choose_ingress(None, 1) == "xdp" and choose_ingress(None, None) == "xdp"
+    g = Gate(_instance(), backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress="auto")
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(lab.mn_if)
+        assert "xdp" not in lab.mn.ip("link", "show", lab.mn_if).stdout
+        assert "bpf" in lab.mn.run("tc", "filter", "show", "dev", lab.mn_if, "ingress").stdout
+        assert not echo_ok(lab.mn, OTHER)
+        g.open(lab.mn_if)
+        assert echo_ok(lab.mn, OTHER, 2)
+    finally:
+        g.destroy()
+        g.release()
+
+
 def test_ingress_hook_switch_on_adoption(lab, bpffs, gate_cache):
     """A restart with another gate.ingress moves the adopted gate to that hook: the new hook is
     attached before the old one goes (the link stays closed throughout), and only one remains."""

@@ -190,7 +190,7 @@ def test_certificate_files_checked_at_load(files):
 def test_gate_ingress_hook(files):
     d, k, psk = files
     base = GOOD.format(key=k, psk=psk)
-    assert config.load(write(d, base)).gate_ingress == "xdp"
+    assert config.load(write(d, base)).gate_ingress == "auto"
     assert config.load(write(d, base + '\n[gate]\ningress = "tc"\n')).gate_ingress == "tc"
     with pytest.raises(ConfigError) as e:
         config.load(write(d, base + '\n[gate]\ningress = "ebpf"\n'))
