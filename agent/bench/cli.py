@@ -81,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ns-prefix", default=None, help=argparse.SUPPRESS)
     p.add_argument("--render", metavar="JSON", help="only write the reports again from an earlier JSON report "
                                                     "(goals judged again), e.g. after a change of the format")
+    p.add_argument("--merge-into", metavar="JSON", help="run --parts and put them into an earlier JSON report "
+                                                        "(replacing those parts; the report says so)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
 
@@ -211,6 +213,25 @@ def run_in_vm(a, parts: list[str], ha_backends: list[str] | None, log) -> dict:
         shutil.rmtree(share, ignore_errors=True)
 
 
+def merge_into(earlier: dict, new: dict, parts: list[str]) -> dict:
+    """``earlier`` with ``parts`` (and their machines) taken from ``new``; meta.merged says when and how."""
+    out = dict(earlier)
+    out["parts"] = dict(earlier.get("parts", {}))
+    for p in parts:
+        if p in new.get("parts", {}):
+            out["parts"][p] = new["parts"][p]
+    have = {json.dumps(m, sort_keys=True, default=str) for m in out.get("machines", [])}
+    out["machines"] = list(out.get("machines", [])) + [m for m in new.get("machines", [])
+                                                         if json.dumps(m, sort_keys=True, default=str) not in have]
+    meta = dict(earlier.get("meta", {}))
+    nm = new.get("meta", {})
+    meta["merged"] = list(meta.get("merged", [])) + [{"parts": parts, "command": nm.get("command"),
+                                                      "started": nm.get("started"), "duration_s": nm.get("duration_s"),
+                                                      "host": nm.get("host")}]
+    out["meta"] = meta
+    return out
+
+
 def run(a) -> int:
     if a.render:
         merged = json.loads(Path(a.render).read_text())
@@ -269,6 +290,8 @@ def run(a) -> int:
         "host": env.machine(), "host_caps": host_caps,
         "vm": next((r["machine"] for r in results if r.get("machine") and r["machine"].get("vm")), None),
     }
+    if a.merge_into:
+        merged = merge_into(json.loads(Path(a.merge_into).read_text()), merged, a.parts)
     merged["goals"] = report.goals(merged)
     paths = report.write(merged, a.out, a.publish)
     print()

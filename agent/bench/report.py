@@ -279,6 +279,9 @@ def markdown(res: dict) -> str:
     A("")
     A(f"`{meta.get('command', 'mipmobike bench')}`{' (quick mode)' if meta.get('quick') else ''}, "
       f"{_f(meta.get('duration_s'))} s.")
+    for mg in meta.get("merged") or []:
+        A(f"Part(s) {', '.join(mg.get('parts') or [])} from a later run merged in: `{mg.get('command')}`, "
+          f"{mg.get('started')}, {_f(mg.get('duration_s'))} s.")
     A("")
     A(f"- host: {_machine_line(meta.get('host'))}")
     if meta.get("vm"):

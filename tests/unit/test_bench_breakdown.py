@@ -27,3 +27,18 @@ def test_emulation_factor_and_estimate():
     assert breakdown.host_estimate(None, 0.0, f) is None
     assert breakdown.emulation_factor({"machines": [{"vm": True, "python_speed": {"error": "x"}}]})[0] is None
     assert calib.factor({"per_s": 10}, {"per_s": 0}) is None
+
+
+def test_merge_into_replaces_parts_and_says_so():
+    from agent.bench.cli import merge_into
+    earlier = {"parts": {"handover": {"x": 1}, "gate": {"old": True}}, "machines": [{"vm": True, "kernel": "6.1"}],
+               "meta": {"command": "mipmobike bench", "started": "t0"}}
+    new = {"parts": {"gate": {"new": True}, "ha": {"ignored": True}}, "machines": [{"vm": False, "kernel": "6.18"}],
+           "meta": {"command": "mipmobike bench --parts gate", "started": "t1", "duration_s": 100}}
+    out = merge_into(earlier, new, ["gate"])
+    assert out["parts"] == {"handover": {"x": 1}, "gate": {"new": True}}
+    assert [m["kernel"] for m in out["machines"]] == ["6.1", "6.18"]
+    assert out["meta"]["command"] == "mipmobike bench"
+    assert out["meta"]["merged"] == [{"parts": ["gate"], "command": "mipmobike bench --parts gate", "started": "t1",
+                                      "duration_s": 100, "host": None}]
+    assert earlier["parts"]["gate"] == {"old": True}          # the earlier report is not changed in place
