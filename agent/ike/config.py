@@ -116,8 +116,9 @@ class IkeConfig:
     additional_addresses: list = field(default_factory=list)  # ADDITIONAL_IP4/6_ADDRESS we announce (MOBIKE)
     no_nats_allowed: bool = False     # refuse paths through a NAT (sends NO_NATS_ALLOWED, RFC 4555 3.9)
     max_cookie_rounds: int = 3
-    unprotected_error_wait: float = 2.0   # after an error notify in the (unauthenticated) IKE_SA_INIT
-                                          # response, keep listening this long for a genuine answer
+    unprotected_error_wait: float = 2.0   # after an unusable (unauthenticated) IKE_SA_INIT response (error
+                                          # notify, bad COOKIE/INVALID_KE, no usable SA/KE), keep listening
+                                          # this long for a genuine answer
     max_ke_retries: int = 2
     close_on_child_failure: bool = True
     wall_clock: Callable[[], datetime.datetime] = _utcnow      # certificate validity

@@ -234,7 +234,8 @@ class IkeConnection:
         self._ni = b""
         self._nr = b""
         self._cookie: bytes | None = None
-        self._init_refusal: tuple[int, float] | None = None    # (error notify, give up at) of an unprotected refusal
+        self._init_refusal: tuple[str, int | None, float] | None = None   # (reason, notify, give up at) of
+                                                                          # an unusable unprotected answer
         self._cookie_rounds = 0
         self._ke_retries = 0
         self._init_request = b""
@@ -409,7 +410,7 @@ class IkeConnection:
         if self._active is not None:
             times.append(self._active.deadline)
         if self._init_refusal is not None and self.state is State.IKE_SA_INIT:
-            times.append(self._init_refusal[1])
+            times.append(self._init_refusal[2])
         if self.state is State.ESTABLISHED:
             if self._next_keepalive is not None:
                 times.append(self._next_keepalive)
@@ -423,7 +424,7 @@ class IkeConnection:
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
-        if self._init_refusal is not None and self.state is State.IKE_SA_INIT and now >= self._init_refusal[1]:
+        if self._init_refusal is not None and self.state is State.IKE_SA_INIT and now >= self._init_refusal[2]:
             self._active = None
             self._fail_refused(now)
             return
@@ -722,18 +723,32 @@ class IkeConnection:
         self._fail(now, "no response to IKE_SA_INIT (gateway unreachable?)")
 
     def _fail_refused(self, now: float) -> None:
-        n = self._init_refusal[0]
-        self._fail(now, f"gateway refused IKE_SA_INIT: {notify_name(n)}", n)
+        reason, notify, _ = self._init_refusal
+        self._fail(now, reason, notify)
 
-    def _on_init_response(self, msg: Message, payloads, addr: Address, local: Address, now: float) -> None:
+    def _refuse_init(self, now: float, reason: str, notify: int | None = None) -> bool:
+        """An IKE_SA_INIT answer we cannot use (an error notify, a bad COOKIE or INVALID_KE, no
+        usable SA/KE/Nonce). Nothing protects it: anyone who saw our request can forge one to
+        stop us. The request stays alive (retransmitting) for ``unprotected_error_wait``; a usable
+        answer from the gateway still wins, else the first unusable one is the outcome (RFC 7296
+        2.21.1 spirit). Returns False (the request stays outstanding)."""
+        self._count("unprotected_init_errors")
+        if self._init_refusal is None:
+            wait = max(0.0, self.config.unprotected_error_wait)
+            self._init_refusal = (reason, notify, now + wait)
+            log.info("%s: IKE_SA_INIT answer not usable (%s; unauthenticated); waiting %.1f s for another answer",
+                     self.name, reason, wait)
+        if now >= self._init_refusal[2]:
+            self._fail_refused(now)
+        return False
+
+    def _on_init_response(self, msg: Message, payloads, addr: Address, local: Address, now: float) -> bool | None:
         cookie = msg.notify(NotifyType.COOKIE)
         if cookie is not None:
             if self._cookie_rounds >= self.config.max_cookie_rounds:
-                self._fail(now, "gateway keeps asking for a COOKIE", NotifyType.COOKIE)
-                return
+                return self._refuse_init(now, "gateway keeps asking for a COOKIE", NotifyType.COOKIE)
             if not 1 <= len(cookie.data) <= 64:
-                self._fail(now, f"COOKIE of {len(cookie.data)} bytes", NotifyType.COOKIE)
-                return
+                return self._refuse_init(now, f"COOKIE of {len(cookie.data)} bytes", NotifyType.COOKIE)
             self._cookie_rounds += 1
             self._count("cookie_rounds")
             self._cookie = cookie.data
@@ -744,12 +759,10 @@ class IkeConnection:
         if invke is not None:
             group = struct.unpack("!H", invke.data[:2])[0] if len(invke.data) >= 2 else None
             if group is None or group not in self._groups or group == self._dh.group:
-                self._fail(now, f"gateway wants DH group {group}, which we did not offer",
-                           NotifyType.INVALID_KE_PAYLOAD)
-                return
+                return self._refuse_init(now, f"gateway wants DH group {group}, which we did not offer",
+                                         NotifyType.INVALID_KE_PAYLOAD)
             if self._ke_retries >= self.config.max_ke_retries:
-                self._fail(now, "too many INVALID_KE_PAYLOAD retries", NotifyType.INVALID_KE_PAYLOAD)
-                return
+                return self._refuse_init(now, "too many INVALID_KE_PAYLOAD retries", NotifyType.INVALID_KE_PAYLOAD)
             self._ke_retries += 1
             self._count("invalid_ke_retries")
             log.info("%s: gateway wants DH group %d instead of %d, retrying", self.name, group, self._dh.group)
@@ -759,36 +772,23 @@ class IkeConnection:
             return
         errors = [n for n in msg.get_all(NotifyPayload) if n.notify_type <= ERROR_NOTIFY_MAX]
         if errors:
-            # Nothing protects this answer: anyone on the path can forge it to stop us. Keep the
-            # request (and its retransmissions) alive for a short while; a genuine answer from the
-            # gateway still wins, else the first refusal is the outcome (RFC 7296 2.21.1 spirit).
             n = errors[0].notify_type
-            self._count("unprotected_init_errors")
-            if self._init_refusal is None:
-                self._init_refusal = (n, now + max(0.0, self.config.unprotected_error_wait))
-                log.info("%s: IKE_SA_INIT answered with %s (unauthenticated); waiting %.1f s for another answer",
-                         self.name, notify_name(n), self.config.unprotected_error_wait)
-            if now >= self._init_refusal[1]:
-                self._fail_refused(now)
-            return False
+            return self._refuse_init(now, f"gateway refused IKE_SA_INIT: {notify_name(n)}", n)
         sa, ke, nr = msg.get(SAPayload), msg.get(KEPayload), msg.get(NoncePayload)
         if sa is None or ke is None or nr is None or not any(msg.spi_r):
-            self._fail(now, "IKE_SA_INIT response lacks SA, KE, Nonce or responder SPI")
-            return
+            return self._refuse_init(now, "IKE_SA_INIT response lacks SA, KE, Nonce or responder SPI")
         try:
             suite = select_ike(sa, self._ike_offer)
         except IkeProposalError as e:
-            self._fail(now, f"gateway's IKE proposal choice is invalid: {e}", NotifyType.NO_PROPOSAL_CHOSEN)
-            return
+            return self._refuse_init(now, f"gateway's IKE proposal choice is invalid: {e}",
+                                     NotifyType.NO_PROPOSAL_CHOSEN)
         if suite.dh != self._dh.group or ke.group != self._dh.group:
-            self._fail(now, f"gateway chose DH group {suite.dh} with KE of group {ke.group}, "
-                            f"we sent {self._dh.group}")
-            return
+            return self._refuse_init(now, f"gateway chose DH group {suite.dh} with KE of group {ke.group}, "
+                                          f"we sent {self._dh.group}")
         try:
             shared = self._dh.shared_secret(ke.data)
         except IkeCryptoError as e:
-            self._fail(now, f"gateway's KE payload: {e}")
-            return
+            return self._refuse_init(now, f"gateway's KE payload: {e}")
         self.spi_r = msg.spi_r
         self._nr = nr.data
         self._init_response = msg.raw

@@ -348,6 +348,9 @@ def test_invalid_ke_retry_with_requested_group():
 
 def test_invalid_ke_for_group_we_did_not_offer():
     n = Net(FakeGateway(groups=(21,)), ike_proposals=["aes128-sha256-x25519"]).connect()
+    assert n.events() == []                     # unauthenticated: not believed at once
+    n.advance(1.0)
+    n.advance(1.0)                              # unprotected_error_wait (2 s) is over
     evs = n.events()
     assert isinstance(evs[0], IkeFailed) and evs[0].notify == NotifyType.INVALID_KE_PAYLOAD
     assert n.conn.state is State.CLOSED
