@@ -227,6 +227,13 @@ def _check_issuer(ca: x509.Certificate, below: int) -> None:
                            f"the chain has {below}")
 
 
+def _intermediates_below(chain: list[x509.Certificate]) -> int:
+    """The intermediate CA certificates between the next issuer and the end entity (``chain[0]``)
+    that count against its pathLenConstraint: self-issued ones (a CA's key rollover) do not
+    (RFC 5280 6.1.4 (l))."""
+    return sum(1 for c in chain[1:] if c.subject != c.issuer)
+
+
 def verify_chain(ee: x509.Certificate, intermediates: list[x509.Certificate],
                  trusted: list[x509.Certificate], now: datetime.datetime, max_depth: int = 6) -> list[x509.Certificate]:
     """Build and check ee -> intermediates -> a trusted CA. Returns the chain."""
@@ -244,7 +251,7 @@ def verify_chain(ee: x509.Certificate, intermediates: list[x509.Certificate],
                 except IkeAuthError:
                     continue
                 _check_validity(ca, now)
-                _check_issuer(ca, len(chain) - 1)
+                _check_issuer(ca, _intermediates_below(chain))
                 chain.append(ca)
                 return chain
         nxt = next((c for c in intermediates if c.subject == cur.issuer and c is not cur), None)
@@ -255,7 +262,7 @@ def verify_chain(ee: x509.Certificate, intermediates: list[x509.Certificate],
             raise IkeAuthError(f"issuer '{dn_to_str(nxt.subject)}' is not a CA")
         _verify_signed_by(cur, nxt.public_key())
         _check_validity(nxt, now)
-        _check_issuer(nxt, len(chain) - 1)
+        _check_issuer(nxt, _intermediates_below(chain))
         chain.append(nxt)
         cur = nxt
     raise IkeAuthError("certificate chain too long")
