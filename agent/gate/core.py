@@ -161,7 +161,7 @@ class Gate:
     def _ifindex(ifname: str) -> int:
         try:
             return socket.if_nametoindex(ifname)
-        except OSError:
+        except (OSError, ValueError):           # ValueError: a NUL in the name
             raise GateError(f"no interface {ifname!r}") from None
 
     @staticmethod
