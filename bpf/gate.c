@@ -26,6 +26,13 @@
  *     any other protocol                                      -> "allow"
  *   Non-first IPv4 fragments of UDP/ESP pass when the remote address has a
  *   host entry (protocol 0) in the allow map.
+ *   On the TC ingress hook, packets that carry an IPsec security path ->
+ *   "ipsec": in tunnel mode the kernel decrypts an admitted ESP packet and
+ *   hands the inner packet to the same device again, so the ingress hook sees
+ *   it a second time; it was authenticated by an SA, and a MOBIKE-only move
+ *   relies on it while the gate is still closed. Native XDP runs before the
+ *   stack and never sees these packets; XDP in generic mode would, without a
+ *   way to tell (the agent's "auto" ingress picks TC there).
  *
  * Passing returns TC_ACT_UNSPEC (not TC_ACT_OK) so that a filter added after
  * the gate on the same hook still runs; the gate is attached with the
@@ -199,6 +206,15 @@ static __always_inline int tc_gate(struct __sk_buff *skb, u32 dir)
     u32 slot;
     if (fast_path(skb->ifindex, dir, skb->len, &slot))
         return TC_ACT_UNSPEC;
+    if (dir == GATE_DIR_INGRESS) {
+        /* decrypted by an SA the kernel holds (skb->sp set): only such
+         * packets make the helper succeed */
+        struct bpf_xfrm_state xs = {};
+        if (bpf_skb_get_xfrm_state(skb, 0, &xs, sizeof(xs), 0) == 0) {
+            count(slot, dir, GATE_R_IPSEC, skb->len);
+            return TC_ACT_UNSPEC;
+        }
+    }
     void *data = (void *)(long)skb->data;
     void *end = (void *)(long)skb->data_end;
     /* make the headers we read linear (closed path only) */

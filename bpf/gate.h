@@ -5,7 +5,7 @@
 
 /* bumped whenever a map layout or a constant below changes; a running agent
  * refuses to adopt pinned objects of another ABI */
-#define GATE_ABI 1
+#define GATE_ABI 2
 
 /* per-interface state (value of the ifstate map); 0 / missing = closed */
 #define GATE_OPEN 1
@@ -30,18 +30,22 @@
 #define GATE_R_ALLOW 7
 #define GATE_R_ND 8
 #define GATE_R_FRAG 9
+/* a packet an IPsec SA decrypted (the BPF gate's TC ingress: tunnel mode
+ * hands the inner packet to the same device again), or, in the netfilter
+ * gate, also one an SA is about to encrypt (POSTROUTING sees it plain first) */
+#define GATE_R_IPSEC 10
 /* reasons: drop */
-#define GATE_R_DROP_ICMP 10
-#define GATE_R_DROP_TCP 11
-#define GATE_R_DROP_UDP 12
-#define GATE_R_DROP_MIP_NOMARK 13
-#define GATE_R_DROP_IPV6 14
-#define GATE_R_DROP_FRAG 15
-#define GATE_R_DROP_OTHER_IP 16
-#define GATE_R_DROP_OTHER 17
-#define GATE_R_DROP_MALFORMED 18
-#define GATE_NR_REASONS 19
-#define GATE_FIRST_DROP 10
+#define GATE_R_DROP_ICMP 11
+#define GATE_R_DROP_TCP 12
+#define GATE_R_DROP_UDP 13
+#define GATE_R_DROP_MIP_NOMARK 14
+#define GATE_R_DROP_IPV6 15
+#define GATE_R_DROP_FRAG 16
+#define GATE_R_DROP_OTHER_IP 17
+#define GATE_R_DROP_OTHER 18
+#define GATE_R_DROP_MALFORMED 19
+#define GATE_NR_REASONS 20
+#define GATE_FIRST_DROP 11
 
 /* allow-map keys with this proto are "host" entries, one per allowed
  * address: they admit non-first IPv4 fragments of UDP and ESP */

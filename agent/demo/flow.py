@@ -309,15 +309,20 @@ class Flow:
         w.tcp_bytes = _bytes_at(rx, t1) - _bytes_at(rx, t0)
         return w
 
-    def recovered(self, after: float) -> tuple[float, float] | None:
-        """(time of the first echo answered for a probe sent after ``after``, time the correspondent
-        first received TCP data after it), or None while either is missing."""
+    def first_echo(self, after: float) -> float | None:
+        """When the first echo came back for a probe sent after ``after`` (None: none yet)."""
         with self.lock:
             sent = list(self.sent)
             answered = dict(self.answered)
-            rx = list(self.server.rx)
         lo = bisect.bisect_left(sent, after)
-        udp = min((answered[s] for s in range(lo, len(sent)) if s in answered), default=None)
+        return min((answered[s] for s in range(lo, len(sent)) if s in answered), default=None)
+
+    def recovered(self, after: float) -> tuple[float, float] | None:
+        """(time of the first echo answered for a probe sent after ``after``, time the correspondent
+        first received TCP data after it), or None while either is missing."""
+        udp = self.first_echo(after)
+        with self.lock:
+            rx = list(self.server.rx)
         i = bisect.bisect_right([t for t, _ in rx], after)
         tcp = rx[i][0] if i < len(rx) else None
         return (udp, tcp) if udp is not None and tcp is not None else None

@@ -24,6 +24,11 @@ Differences from the BPF gate, inherent to netfilter: ARP is never filtered
 packets sent on AF_PACKET sockets (a raw DHCP client, for instance) bypass
 iptables entirely; non-first IPv4 fragments are dropped (the BPF gate admits
 those to and from allowed peers) unless conntrack reassembles them first.
+Like the BPF gate's TC ingress program, the ingress chain admits packets an
+IPsec SA decrypted (``-m policy --dir in --pol ipsec``): tunnel mode brings
+the inner packet through PREROUTING of the same device a second time. The
+egress chain sees a packet an SA will encrypt before and after: the plain one
+passes as "ipsec" (``--dir out``), the ESP it becomes is judged as ESP.
 """
 
 from __future__ import annotations
@@ -97,7 +102,11 @@ class NetfilterBackend:
         s = f"-m set --match-set {self.ipset} {peer}"
         dhcp = "--sport 68 --dport 67" if eg else "--sport 67 --dport 68"
         ike = f"-m multiport {'--dports' if eg else '--sports'} 500,4500"
-        r = [f"-p udp {dhcp} -m comment --comment \"pass dhcp\" -j RETURN",
+        # IPsec: an SA decrypted it (tunnel mode brings the inner packet through PREROUTING of the same
+        # device again), or an SA is about to encrypt it (POSTROUTING sees it before and after; the ESP
+        # that results still has to pass "esp")
+        r = [f"-m policy --dir {direction} --pol ipsec -m comment --comment \"pass ipsec\" -j RETURN"]
+        r += [f"-p udp {dhcp} -m comment --comment \"pass dhcp\" -j RETURN",
              "-p icmp --icmp-type 9 -m comment --comment \"pass rdisc\" -j RETURN",
              "-p icmp --icmp-type 10 -m comment --comment \"pass rdisc\" -j RETURN",
              f"-p udp {s} {ike} -m comment --comment \"pass ike\" -j RETURN"]

@@ -90,6 +90,18 @@ def go(r: Roamer, net: str, verdict: str, mode: str, count_ha: bool = False):
     return step
 
 
+def check_flows_before_verdict(r: Roamer, step) -> None:
+    """A MOBIKE-only move is ready once the gateway took the update, long before the (untrusted) verdict
+    opens the gate: the echo must come back through the still closed gate, i.e. ESP and what the SA
+    decrypted pass it, in both directions."""
+    h = step.handover
+    echo = r.flow.first_echo(h["t_ready"])
+    assert echo is not None and echo < h["t_verdict"], _fail(
+        r, f"after the MOBIKE-only move to {step.dst} the first echo came back at "
+           f"{None if echo is None else round((echo - h['t_ready']) * 1000)} ms after ready, the verdict "
+           f"(gate open) at {round((h['t_verdict'] - h['t_ready']) * 1000)} ms: the closed gate held the traffic")
+
+
 def ensure(r: Roamer, net: str, mode: str) -> None:
     """Put the node on ``net`` in ``mode`` unless it is there already (a precondition, not under test)."""
     st = r.status()
@@ -185,6 +197,7 @@ def test_mc_to_mc_mobike_into_nat(roam):
     tia = r.status()["tia"]
     step = go(r, "external-2", "untrusted", "mc", count_ha=True)
     assert step.handover["mobike_only"] and step.handover["tia"] == tia, step.handover
+    check_flows_before_verdict(r, step)
     assert step.ha_requests[1] == step.ha_requests[0], f"the i-HA saw registrations: {step.ha_requests}"
     assert ha_binding(r)["care_of_address"] == tia
     sas = gateway_sas(r, f"@ {tb.addr.nat_public}[")
@@ -199,6 +212,7 @@ def test_mc_to_mc_mobike_out_of_nat(roam):
     tia = r.status()["tia"]
     step = go(r, "external-1", "untrusted", "mc", count_ha=True)
     assert step.handover["mobike_only"] and step.handover["tia"] == tia, step.handover
+    check_flows_before_verdict(r, step)
     assert step.ha_requests[1] == step.ha_requests[0], f"the i-HA saw registrations: {step.ha_requests}"
     sas = gateway_sas(r, f"@ {step.handover['coa']}[")
     assert f"@ {step.handover['coa']}[" in sas, sas
