@@ -293,6 +293,7 @@ def main() -> int:
                     help=f"comma list, first 'none'; known: {', '.join(list(CONFIGS) + list(EXTRA_CONFIGS))}")
     ap.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH ('-': stdout)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
     if os.geteuid() != 0:
         print("bench_gate: needs root", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ import argparse
 import gc
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -213,6 +214,7 @@ def main() -> int:
                     choices=["engine", "bpf", "ipip"])
     ap.add_argument("--ipip-max-tunnels", type=int, default=1000)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
     backends = list(args.backends)
     if "ipip" in backends and not ipip_here():
         print("ipip: this kernel has no ipip module; run the ipip case where it exists, e.g.\n"

@@ -31,6 +31,7 @@ import ipaddress
 import json
 import re
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
@@ -179,6 +180,7 @@ def main() -> int:
     ap.add_argument("--moves", type=int, default=10, help="moves per client (default 10)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
     backend = "kernel" if kernel_has_esp() else "libipsec"
     with tempfile.TemporaryDirectory(prefix="bench-mobike-") as tmp:
         base = Path(tmp)

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,7 @@ def main() -> int:
     ap.add_argument("--ip-n", type=int, default=60,
                     help="SAs through `ip xfrm`, two processes each (default 60)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
     subprocess.run(["modprobe", "-a", "esp4", "xfrm_user"], check=False,
                    stderr=subprocess.DEVNULL)
     ns = f"mmbench-{os.getpid()}-{secrets.token_hex(2)}"

@@ -19,7 +19,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -200,7 +199,7 @@ def run_in_vm(a, parts: list[str], ha_backends: list[str] | None, log) -> dict:
         vm_env.setdefault("VM_TIMEOUT", str(3 * 3600 if a.quick else 12 * 3600))
         log(f"VM: {' '.join(shlex.quote(x) for x in argv[1:])}")
         t0 = time.monotonic()
-        p = subprocess.run(argv, cwd=TOP, env=vm_env)
+        p = env.run_child(argv, cwd=TOP, env=vm_env, capture=False)
         log(f"VM finished in {time.monotonic() - t0:.0f} s (exit {p.returncode})")
         if keep and Path(keep).exists():
             shutil.copytree(keep, a.keep_logs, dirs_exist_ok=True)
@@ -241,6 +240,7 @@ def run(a) -> int:
         print("\nreports: " + ", ".join(str(p) for p in paths))
         return 0
     _defaults(a)
+    env.sigterm_exits()            # a killed bench still tears down its namespaces, mounts and the VM
     log = lambda m: print(m, file=sys.stderr if a.inner else sys.stdout, flush=True)   # noqa: E731
     if a.inner:
         out = run_here(a, a.parts, a.ha_backends, log)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import signal
 import subprocess
 import time
 
@@ -86,3 +87,32 @@ def capabilities() -> dict:
     netem = _probe([["ip", "link", "add", "d0", "type", "dummy"],
                     ["tc", "qdisc", "add", "dev", "d0", "root", "netem", "delay", "1ms"]])
     return {"root": True, "esp": esp, "ipip": ipip, "netem": netem}
+
+
+def sigterm_exits() -> None:
+    """SIGTERM ends this process through SystemExit, so ``finally`` blocks tear down what it built
+    (namespaces, bpffs mounts, children) as they do on Ctrl-C."""
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _exit)
+
+
+def run_child(argv: list[str], *, timeout: float | None = None, grace: float = 20.0,
+              capture: bool = True, **kw) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a child that builds things (a bench script, the VM): when this process
+    is interrupted or the timeout passes, the child gets SIGTERM and ``grace`` seconds to tear down
+    before SIGKILL (``subprocess.run`` would SIGKILL it at once and leave its namespaces behind)."""
+    if capture:
+        kw.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(argv, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except BaseException:
+        p.terminate()
+        try:
+            p.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .env import run_child
+
 TOP = Path(__file__).resolve().parents[2]
 GATE_SCRIPT = TOP / "scripts" / "bench_gate.py"
 HA_SCRIPT = TOP / "scripts" / "bench_ha.py"
@@ -59,7 +61,7 @@ def run_gate(seconds: float, rounds: int, repeat: int, log) -> dict:
                 "--repeat", str(repeat), "--json", str(jpath)]
         log(f"gate: {' '.join(argv[1:-2])}")
         t0 = time.monotonic()
-        p = subprocess.run(argv, capture_output=True, text=True, cwd=TOP, timeout=3600)
+        p = run_child(argv, cwd=TOP, timeout=3600)
         try:
             doc = json.loads(jpath.read_text())
         except (OSError, ValueError):
@@ -120,7 +122,7 @@ def run_mobike(moves: int, log, timeout: float = 3600) -> dict:
     argv = [sys.executable, str(MOBIKE_SCRIPT), "--moves", str(moves), "--json"]
     log(f"mobike: {' '.join(argv[1:])}")
     t0 = time.monotonic()
-    p = subprocess.run(argv, capture_output=True, text=True, cwd=TOP, timeout=timeout)
+    p = run_child(argv, cwd=TOP, timeout=timeout)
     try:
         res = json.loads(p.stdout[p.stdout.index("{"):])
     except ValueError:
