@@ -79,14 +79,12 @@ def check_detection_only(r: Roamer, step) -> None:
                             f"{len(step.leaks)} frames that are not detection traffic:\n" + "\n".join(step.leaks[:20]))
 
 
-def go(r: Roamer, net: str, verdict: str, mode: str | tuple[str, ...], count_ha: bool = False):
-    """Move to ``net``, wait for the handover and the traffic; check verdict, mode (or one of several),
-    flow and capture."""
+def go(r: Roamer, net: str, verdict: str, mode: str, count_ha: bool = False):
+    """Move to ``net``, wait for the handover and the traffic; check verdict, mode, flow and capture."""
     step = r.move(net, count_ha=count_ha)
     assert step.handover is not None, _fail(r, f"no handover to {net} seen")
     r.settle(step, timeout=RECOVERY if step.mode is not None else 0)
-    modes = (mode,) if isinstance(mode, str) else mode
-    assert step.verdict == verdict and step.mode in modes, _fail(r, f"handover to {net}: {step.handover}")
+    assert (step.verdict, step.mode) == (verdict, mode), _fail(r, f"handover to {net}: {step.handover}")
     check_flow(r, step)
     check_detection_only(r, step)
     return step
@@ -271,10 +269,19 @@ def test_loss_on_access_link_mid_session(roam):
     ensure(r, "internal-1", "c")
     tb.impair(loss=10)
     try:
-        # the agent solicits once (RFC 3344 allows at most one solicitation per second) and listens
-        # 0.6 s after the lease: with 10 % loss each way the solicitation or the advertisement is
-        # lost about one move in five, and the trusted link is then used in mode c, which is right
-        go(r, "internal-2", "trusted", ("f", "c"))
+        # Under loss the outcome may differ and still be right: the agent solicits once (RFC 3344:
+        # at most one solicitation per second) and listens 0.6 s after the lease, so a lost
+        # solicitation or advertisement leaves the trusted link in mode c; if every detection
+        # exchange is lost the link counts as untrusted (fail closed) and the VPN carries the traffic.
+        # What must hold: a mode that fits the verdict, the traffic back, nothing but detection
+        # traffic before ready (go() checks the last two).
+        step = r.move("internal-2")
+        assert step.handover is not None, _fail(r, "no handover to internal-2 seen")
+        r.settle(step, timeout=RECOVERY if step.mode is not None else 0)
+        assert (step.verdict, step.mode) in {("trusted", "f"), ("trusted", "c"), ("untrusted", "mc")}, \
+            _fail(r, f"handover to internal-2 under loss: {step.handover}")
+        check_flow(r, step)
+        check_detection_only(r, step)
     finally:
         tb.impair()
 
