@@ -81,6 +81,7 @@ from agent.gate.allowlist import AllowEntry  # noqa: E402
 from agent.gate.bpf_backend import TC_EGRESS, TC_INGRESS, ensure_bpffs, unmount_bpffs  # noqa: E402
 from agent.gate.bpfsys import prog_test_run  # noqa: E402
 from agent.gate.nsutil import netns  # noqa: E402
+from agent.bench.env import sigterm_exits  # noqa: E402
 
 A_ADDR, B_ADDR = "10.211.0.1", "10.211.0.2"
 PORT = 5201
@@ -293,7 +294,7 @@ def main() -> int:
                     help=f"comma list, first 'none'; known: {', '.join(list(CONFIGS) + list(EXTRA_CONFIGS))}")
     ap.add_argument("--json", metavar="PATH", help="write every number as JSON to PATH ('-': stdout)")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
+    sigterm_exits()            # a kill tears down too (finally blocks run)
     if os.geteuid() != 0:
         print("bench_gate: needs root", file=sys.stderr)
         return 2

@@ -40,7 +40,6 @@ import argparse
 import gc
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from agent.mip.auth import SecurityAssociation, ntp_timestamp, sign  # noqa: E40
 from agent.mip.constants import RegFlag  # noqa: E402
 from agent.mip.ha import BindingAdded, BindingRemoved, BindingUpdated, HaConfig, HaNode, HomeAgent  # noqa: E402
 from agent.mip.messages import RegistrationRequest  # noqa: E402
+from agent.bench.env import sigterm_exits  # noqa: E402
 
 HA = IPv4Address("10.255.0.1")
 HOME_NET = IPv4Address("10.128.0.0")  # home addresses 10.128.0.1 ... (/9 holds 8M)
@@ -214,7 +214,7 @@ def main() -> int:
                     choices=["engine", "bpf", "ipip"])
     ap.add_argument("--ipip-max-tunnels", type=int, default=1000)
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
+    sigterm_exits()            # a kill tears down too (finally blocks run)
     backends = list(args.backends)
     if "ipip" in backends and not ipip_here():
         print("ipip: this kernel has no ipip module; run the ipip case where it exists, e.g.\n"

@@ -31,7 +31,6 @@ import ipaddress
 import json
 import re
 import secrets
-import signal
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from agent.ike.installer import RecordingInstaller, XfrmInstaller  # noqa: E402
 from agent.kernel import Kernel  # noqa: E402
 from agent.mn.config import MnConfig, VpnConfig  # noqa: E402
 from agent.mn.vpn import Vpn  # noqa: E402
+from agent.bench.env import sigterm_exits  # noqa: E402
 from tests.lib.procs import Procs  # noqa: E402
 from tests.lib.swan import Charon, client_swanctl, gateway_swanctl, kernel_has_esp  # noqa: E402
 from tests.lib.topo import Topology  # noqa: E402
@@ -180,7 +180,7 @@ def main() -> int:
     ap.add_argument("--moves", type=int, default=10, help="moves per client (default 10)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
+    sigterm_exits()            # a kill tears down too (finally blocks run)
     backend = "kernel" if kernel_has_esp() else "libipsec"
     with tempfile.TemporaryDirectory(prefix="bench-mobike-") as tmp:
         base = Path(tmp)

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import xfrm  # noqa: E402
+from agent.bench.env import sigterm_exits  # noqa: E402
 from xfrm import SA, Algorithms  # noqa: E402
 
 ENC, AUTH = bytes(range(16)), bytes(range(32))
@@ -99,7 +99,7 @@ def main() -> int:
     ap.add_argument("--ip-n", type=int, default=60,
                     help="SAs through `ip xfrm`, two processes each (default 60)")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))   # tear down on kill too
+    sigterm_exits()            # a kill tears down too (finally blocks run)
     subprocess.run(["modprobe", "-a", "esp4", "xfrm_user"], check=False,
                    stderr=subprocess.DEVNULL)
     ns = f"mmbench-{os.getpid()}-{secrets.token_hex(2)}"
