@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from .names import RUN
 from .procs import Procs
 from .swan import Charon, Pki, gateway_swanctl, kernel_has_esp
 from .topo import Netns, Topology
@@ -31,6 +32,32 @@ def procs(tmp_path):
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="module")
+def gate_cache(tmp_path_factory) -> str:
+    """Compile the BPF gate once per module (and for its subprocesses, through the disk cache)."""
+    from agent.gate import loader
+    d = str(tmp_path_factory.mktemp("gatecache"))
+    loader.compiled(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bpffs():
+    """A bpffs mount of this run's own, for pinned gates; unmounted afterwards."""
+    import os
+    from agent.gate.bpf_backend import ensure_bpffs, unmount_bpffs
+    root = f"/run/mipmobike/test-{RUN}-{secrets.token_hex(3)}"
+    ensure_bpffs(root)
+    try:
+        yield root
+    finally:
+        unmount_bpffs(root)
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
 
 
 @pytest.fixture(scope="session")

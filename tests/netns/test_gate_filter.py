@@ -26,11 +26,8 @@ from dataclasses import dataclass
 import pytest
 
 from agent.gate import Gate, GateConfigError, GateState, open_detection_socket
-from agent.gate import loader
-from agent.gate.bpf_backend import ensure_bpffs, unmount_bpffs
 from agent.gate.nsutil import netns
 from tests.lib.capture import Capture
-from tests.lib.names import RUN
 from tests.lib.procs import wait_until
 from tests.lib.topo import Netns
 
@@ -40,28 +37,6 @@ BACKENDS = ["bpf", "netfilter"]
 
 
 # -- fixtures ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gate_cache(tmp_path_factory):
-    """Compile the BPF gate once for this module (and its subprocesses, via the disk cache)."""
-    d = str(tmp_path_factory.mktemp("gatecache"))
-    loader.compiled(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def bpffs():
-    root = f"/run/mipmobike/test-{RUN}-{secrets.token_hex(3)}"
-    ensure_bpffs(root)
-    try:
-        yield root
-    finally:
-        unmount_bpffs(root)
-        try:
-            os.rmdir(root)
-        except OSError:
-            pass
-
-
 @dataclass
 class Lab:
     mn: Netns
