@@ -25,8 +25,7 @@ import pytest
 from agent.gate import Gate, open_detection_socket
 from agent.gate.steer import DETECT_MARK, SO_MARK
 from tests.lib.capture import Capture
-from tests.netns.test_gate_filter import (BACKENDS, bpffs, gate_cache, recv_or_none,  # noqa: F401
-                                          seen, sock_in, try_send)
+from tests.netns.test_gate_filter import BACKENDS, recv_or_none, sock_in, try_send
 from xfrm import socket_bypass
 
 MN, HA, GW, VIP = "10.62.0.1", "10.62.0.2", "10.62.0.3", "10.99.0.5"
