@@ -186,10 +186,13 @@ def compiled(cache_dir: str | None = None, *, force: bool = False) -> CompiledGa
     """The gate's compiled form: from this process's cache, the disk cache, or bcc."""
     key = source_key()
     with _lock:
-        if not force and key in _cache:
-            return _cache[key]
-        cg = None
         path = os.path.join(cache_dir, f"gate-{key}.json") if cache_dir else None
+        if not force and key in _cache:
+            cg = _cache[key]
+            if path and not os.path.exists(path):
+                _store(cg, cache_dir, path)      # this cache_dir is new to the process: fill it too
+            return cg
+        cg = None
         if path and not force:
             try:
                 with open(path) as f:
@@ -201,16 +204,20 @@ def compiled(cache_dir: str | None = None, *, force: bool = False) -> CompiledGa
         if cg is None:
             cg = _compile_with_bcc(key)
             if path:
-                try:
-                    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-                    tmp = f"{path}.{os.getpid()}"
-                    with open(tmp, "w") as f:
-                        f.write(cg.to_json())
-                    os.replace(tmp, path)
-                except OSError as e:
-                    log.warning("gate: cannot write compile cache %s: %s", path, e)
+                _store(cg, cache_dir, path)
         _cache[key] = cg
         return cg
+
+
+def _store(cg: CompiledGate, cache_dir: str, path: str) -> None:
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(cg.to_json())
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("gate: cannot write compile cache %s: %s", path, e)
 
 
 def instantiate(cache_dir: str | None = None, maps: dict[str, int] | None = None
