@@ -14,14 +14,10 @@ agent's handover code. Best of a few runs, so a busy neighbour counts least.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-TOP = Path(__file__).resolve().parents[2]
+from .hostparts import ha_row
+
 WORKLOAD = "i-HA engine registrations (decode, HMAC-MD5 check, bind, encode reply), renewals of 5,000 bindings"
 
 
@@ -30,14 +26,11 @@ def python_speed(n: int = 5000, runs: int = 3, timeout: float = 900) -> dict:
     rates, errors = [], []
     t0 = time.monotonic()
     for _ in range(runs):
-        p = subprocess.run([sys.executable, "-c", "from agent.bench.hostparts import _ha_child; "
-                            f"_ha_child('engine', {n}, 0)"],
-                           capture_output=True, text=True, cwd=TOP, timeout=timeout,
-                           env=dict(os.environ, PYTHONPATH=str(TOP)))
-        try:
-            rates.append(float(json.loads(p.stdout.strip().splitlines()[-1])["renew"]))
-        except (ValueError, IndexError, KeyError):
-            errors.append(f"exit {p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}")
+        r, err = ha_row("engine", n, 0, timeout)
+        if r is not None and "renew" in r:
+            rates.append(float(r["renew"]))
+        else:
+            errors.append(err or f"no renewal rate in {r}")
     if not rates:
         return {"workload": WORKLOAD, "error": "; ".join(errors)}
     return {"workload": WORKLOAD, "per_s": round(max(rates)), "runs": [round(r) for r in rates],

@@ -16,13 +16,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .env import run_child
+from .env import run_child, sigterm_exits
 
 TOP = Path(__file__).resolve().parents[2]
 GATE_SCRIPT = TOP / "scripts" / "bench_gate.py"
@@ -79,11 +78,24 @@ def run_gate(seconds: float, rounds: int, repeat: int, log) -> dict:
 # -- i-HA ------------------------------------------------------------------------------------------
 def _ha_child(backend: str, n: int, ipip_max: int) -> None:
     """In a fresh process: one run_one of bench_ha.py, its dict as JSON on the last line."""
+    sigterm_exits()            # killed by run_ha's timeout or a killed bench: its scratch namespace goes too
     spec = importlib.util.spec_from_file_location("bench_ha", HA_SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     r = mod.run_one(backend, n, ipip_max)
     print(json.dumps(r, default=str))
+
+
+def ha_row(backend: str, n: int, ipip_max: int, timeout: float) -> tuple[dict | None, str]:
+    """One bench_ha.py row in a fresh process (run_child: a kill reaches it as SIGTERM, it tears down).
+    (row, "") or (None, what went wrong)."""
+    p = run_child([sys.executable, "-c", "from agent.bench.hostparts import _ha_child; "
+                   f"_ha_child({backend!r}, {n}, {ipip_max})"],
+                  cwd=TOP, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(TOP)))
+    try:
+        return json.loads(p.stdout.strip().splitlines()[-1]), ""
+    except (ValueError, IndexError):
+        return None, f"exit {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}"
 
 
 def run_ha(backends: list[str], sizes: list[int], ipip_max: int, log, timeout: float = 7200) -> dict:
@@ -93,14 +105,9 @@ def run_ha(backends: list[str], sizes: list[int], ipip_max: int, log, timeout: f
     for n in sizes:
         for be in backends:
             t0 = time.monotonic()
-            p = subprocess.run([sys.executable, "-c", "import sys; from agent.bench.hostparts import _ha_child; "
-                                f"_ha_child({be!r}, {n}, {ipip_max})"],
-                               capture_output=True, text=True, cwd=TOP, timeout=timeout,
-                               env=dict(os.environ, PYTHONPATH=str(TOP)))
-            try:
-                r = json.loads(p.stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                errors.append(f"{be} at {n}: exit {p.returncode}: {(p.stderr or p.stdout).strip()[-400:]}")
+            r, err = ha_row(be, n, ipip_max, timeout)
+            if r is None:
+                errors.append(f"{be} at {n}: {err}")
                 log(f"  ha {be} {n}: failed: {errors[-1]}")
                 continue
             r["elapsed_s"] = round(time.monotonic() - t0, 1)
