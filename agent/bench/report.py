@@ -407,13 +407,22 @@ def markdown(res: dict) -> str:
         A("| path | Mbit/s | retransmits | fragments | ESP | note |")
         A("|---|---|---|---|---|---|")
         for r in gp.get("rounds", []):
-            note = r.get("not_measured") or r.get("error") or (f"MSS {r['mss']}" if r.get("mss") else "")
-            esp = ", ".join(r.get("esp", [])) + (" in UDP" if r.get("esp_in_udp") else "")
-            A(f"| {r.get('path', r.get('who'))} | {_f(r.get('mbit_s'))} | {_f(r.get('retransmits'))} "
-              f"| {_f(r.get('fragments_or_frag_needed'))} | {esp or '-'} | {note} |")
+            for row in (r, r.get("control")):
+                if row is None:
+                    continue
+                note = row.get("not_measured") or row.get("error") or (f"MSS {row['mss']}" if row.get("mss") else "")
+                esp = ", ".join(r.get("esp", [])) + (" in UDP" if r.get("esp_in_udp") else "")
+                A(f"| {row.get('path', r.get('who'))} | {_f(row.get('mbit_s'))} | {_f(row.get('retransmits'))} "
+                  f"| {_f(row.get('fragments_or_frag_needed'))} | {esp or '-'} | {note} |")
         A("")
         A(f"Median agent / strongSwan: {_f(gp.get('agent_mbit_s'))} / {_f(gp.get('strongswan_mbit_s'))} Mbit/s, "
           f"ratio {_f(round(gp['ratio'], 3) if gp.get('ratio') is not None else None)}.")
+        if gp.get("control_mbit_s") is not None:
+            A(f"Control, the agent's path with one segment per skb: {_f(gp['control_mbit_s'])} Mbit/s, "
+              f"{_f(round(gp['control_ratio'], 3) if gp.get('control_ratio') is not None else None)} of strongSwan's.")
+            if gp.get("why"):
+                A("")
+                A(gp["why"])
         if gp.get("not_measured"):
             A(f"Not measured: {gp['not_measured']}.")
     A("")
