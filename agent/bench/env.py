@@ -91,8 +91,14 @@ def capabilities() -> dict:
 
 def sigterm_exits() -> None:
     """SIGTERM ends this process through SystemExit, so ``finally`` blocks tear down what it built
-    (namespaces, bpffs mounts, children) as they do on Ctrl-C."""
+    (namespaces, bpffs mounts, children) as they do on Ctrl-C.
+
+    Only the first SIGTERM does: a kill of the whole process group reaches a bench child twice (from
+    the killer and from run_child passing it on), and a second SystemExit would break off the
+    teardown half way. Later ones are swallowed by a Python no-op handler, not SIG_IGN, which the
+    commands the teardown runs would inherit."""
     def _exit(signum, frame):
+        signal.signal(signal.SIGTERM, lambda s, f: None)
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, _exit)
 
