@@ -21,8 +21,8 @@ private worker thread. Errors are ``GateError`` (kernel/attach problems) and
 
 from .allowlist import AllowEntry, GateConfigError
 from .core import DEFAULT_BPFFS, Gate
-from .defs import GateError, GateState
+from .defs import GateAbiError, GateError, GateState
 from .steer import DETECT_MARK, open_detection_socket
 
-__all__ = ["Gate", "GateState", "GateError", "GateConfigError", "AllowEntry", "DEFAULT_BPFFS",
+__all__ = ["Gate", "GateState", "GateError", "GateAbiError", "GateConfigError", "AllowEntry", "DEFAULT_BPFFS",
            "DETECT_MARK", "open_detection_socket"]

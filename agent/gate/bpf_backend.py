@@ -35,7 +35,7 @@ from . import bpfsys, loader
 from .allowlist import IKE_PORTS, AllowEntry
 from .steer import DETECT_MARK
 from .defs import (ABI, DIR_EGRESS, DIR_INGRESS, MAX_SLOTS, NR_REASONS, PROTO_HOST, REASON_NAMES,
-                   STATE_BY_VALUE, STATE_VALUE, GateError, GateState)
+                   STATE_BY_VALUE, STATE_VALUE, GateAbiError, GateError, GateState)
 
 log = logging.getLogger("mipmobike.gate")
 
@@ -137,17 +137,28 @@ class BpfBackend:
             self._create(cache_dir)
         cfg = self.maps["config"].lookup(struct.pack("=I", 0))
         abi, mark, mask, _ = _CONFIG.unpack(cfg)
+        fresh = not self.adopted
         if self.adopted and abi != ABI:
-            self.release()
-            raise GateError(f"pinned gate in {self.dir} has ABI {abi}, this agent speaks {ABI}; "
-                            f"detach it with the agent that made it (or remove the pins)")
+            if not create:
+                self.release()
+                raise GateAbiError(f"pinned gate in {self.dir} has ABI {abi}, this agent speaks {ABI}; "
+                                   f"the agent replaces it when it starts (or `mipmobike gate close`)")
+            relink = self._upgrade(abi, cache_dir)
+            fresh = True
+        else:
+            relink = []
         # rrq_mark None: keep an adopted gate's mark (an operator's `mipmobike
         # gate status` must not change what the running agent configured)
-        if rrq_mark is None and not self.adopted:
+        if rrq_mark is None and fresh:
             rrq_mark = DETECT_MARK
-        if rrq_mark is not None and (not self.adopted or (mark, mask) != (rrq_mark, rrq_mask if rrq_mark else 0)):
+        if rrq_mark is not None and (fresh or (mark, mask) != (rrq_mark, rrq_mask if rrq_mark else 0)):
             self.maps["config"].update(struct.pack("=I", 0),
                                        _CONFIG.pack(ABI, rrq_mark, rrq_mask if rrq_mark else 0, 0))
+        for idx, name, _xdp in relink:      # configured first: our programs judge from their first packet
+            try:
+                self.attach(name, idx, GateState.CLOSED)
+            except GateError as e:          # gone meanwhile, say; the old program (if any) still gates it
+                log.warning("gate: %s kept the ABI %d program: %s", name, abi, e)
 
     # -- objects ---------------------------------------------------------
     def _pins_complete(self) -> bool:
@@ -170,6 +181,19 @@ class BpfBackend:
             # replace whatever programs are still attached
             shutil.rmtree(self.dir, ignore_errors=True)
         self._pin(*loader.instantiate(cache_dir))
+
+    def _upgrade(self, old_abi: int, cache_dir: str | None) -> list[tuple[int, str, int]]:
+        """Replace a gate another ABI pinned (an agent upgrade after a crash or a reboot-less update).
+        Its programs stay attached while ours are made; then ours replace them link by link (the TC
+        filters in place, XDP atomically), every link closed: the old maps' layout is not ours to read,
+        and detection reopens what is trusted. No link is ungated on the way."""
+        links = self._gated_links()
+        log.warning("gate: replacing the ABI %d gate in %s with ABI %d; %s closed until detection",
+                    old_abi, self.dir, ABI, ", ".join(n for _, n, _ in links) or "no link")
+        self.release()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._create(cache_dir)
+        return links          # attached by the caller once the new config is written
 
     def _gated_links(self) -> list[tuple[int, str, int]]:
         """(ifindex, name, XDP prog id) of the links carrying this instance's egress filter."""

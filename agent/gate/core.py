@@ -31,7 +31,7 @@ import re
 import socket
 
 from .allowlist import IKE_PORTS, AllowEntry, AllowList, build_entries
-from .defs import GateError, GateState
+from .defs import GateAbiError, GateError, GateState
 from .nsutil import netns as _netns
 from .steer import DETECT_MASK
 
@@ -128,6 +128,10 @@ class Gate:
                 if create:
                     allow.ensure()
                 return b
+            except GateAbiError:
+                if not create:
+                    raise
+                return bpf(True)        # replaces the other ABI's gate (the links stay gated, closed)
             except GateError:
                 pass
             except OSError:
@@ -140,6 +144,8 @@ class Gate:
                 raise GateError(f"no gate instance {self.instance!r} is installed here")
         try:
             b = bpf(create)
+        except GateAbiError:
+            raise
         except Exception as e:
             if want == "bpf":
                 raise GateError(f"BPF gate unavailable: {e}") from e

@@ -12,6 +12,11 @@ class GateError(RuntimeError):
     """The gate could not do what was asked (names the interface / object)."""
 
 
+class GateAbiError(GateError):
+    """A gate of another ABI (an older or newer agent's) is installed here. Never a reason to fall back to
+    another backend: its programs stay attached and would judge the traffic alongside."""
+
+
 class GateState(str, enum.Enum):
     OPEN = "open"        # everything passes, counted
     CLOSED = "closed"    # detecting: only detection traffic passes

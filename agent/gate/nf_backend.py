@@ -28,12 +28,16 @@ Like the BPF gate's TC ingress program, the ingress chain admits packets an
 IPsec SA decrypted (``-m policy --dir in --pol ipsec``): tunnel mode brings
 the inner packet through PREROUTING of the same device a second time. The
 egress chain sees a packet an SA will encrypt before and after: the plain one
-passes as "ipsec" (``--dir out``), the ESP it becomes is judged as ESP.
+passes as "ipsec" (``--dir out``), the ESP it becomes is judged as ESP. Where
+the kernel has no policy match (xt_policy) the rule is left out and a warning
+says so. The last rule of each chain names the layout ("rules v2"): chains of
+another layout (an agent of another version crashed) are refilled on adoption.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import subprocess
@@ -41,10 +45,17 @@ import subprocess
 from .defs import DROP_REASONS, PASS_REASONS, GateError, GateState, empty_counters
 from .steer import DETECT_MARK
 
+log = logging.getLogger("mipmobike.gate")
+
+# The rules' layout version, written as the last rule of every chain ("rules v2"): chains an agent of
+# another version left behind (a crash skips destroy) are rebuilt on adoption, keeping their state.
+# 2: the "pass ipsec" rule.
+RULES_VERSION = 2
 TABLE_IN, BASE_IN = "raw", "PREROUTING"
 TABLE_OUT, BASE_OUT = "mangle", "POSTROUTING"
 _RULE_RE = re.compile(r'^\[(\d+):(\d+)\] -A (\S+) (.*)$')
-_COMMENT_RE = re.compile(r'--comment "?([^"]+?)"? (?:-j|$)')
+_COMMENT_RE = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
+_VERSION_RE = re.compile(r"^rules v(\d+)")
 
 
 class NetfilterBackend:
@@ -64,11 +75,19 @@ class NetfilterBackend:
         # chain names are limited to 28 characters: long instance names are hashed
         short = instance if len(instance) <= 10 else hashlib.sha256(instance.encode()).hexdigest()[:10]
         self.prefix = f"mmb-{short}-"
+        # "-m policy" needs xt_policy in the kernel; without it the rule is left out (still fail-closed:
+        # what an SA decrypted then waits for the verdict like other traffic)
+        self.ipsec = True
         self.adopted = bool(self.states())
 
     # -- helpers -----------------------------------------------------------
     def _chain(self, ifindex: int, direction: str) -> str:
         return f"{self.prefix}{ifindex}-{direction}"
+
+    @staticmethod
+    def _comment(spec: str) -> str | None:
+        m = _COMMENT_RE.search(spec)
+        return None if m is None else (m.group(1) if m.group(1) is not None else m.group(2))
 
     @staticmethod
     def _run(argv: list[str], input: str | None = None) -> str:
@@ -105,7 +124,7 @@ class NetfilterBackend:
         # IPsec: an SA decrypted it (tunnel mode brings the inner packet through PREROUTING of the same
         # device again), or an SA is about to encrypt it (POSTROUTING sees it before and after; the ESP
         # that results still has to pass "esp")
-        r = [f"-m policy --dir {direction} --pol ipsec -m comment --comment \"pass ipsec\" -j RETURN"]
+        r = [self._ipsec_rule(direction)] if self.ipsec else []
         r += [f"-p udp {dhcp} -m comment --comment \"pass dhcp\" -j RETURN",
              "-p icmp --icmp-type 9 -m comment --comment \"pass rdisc\" -j RETURN",
              "-p icmp --icmp-type 10 -m comment --comment \"pass rdisc\" -j RETURN",
@@ -122,15 +141,24 @@ class NetfilterBackend:
               "-p icmp -m comment --comment \"drop icmp\" -j DROP",
               "-p tcp -m comment --comment \"drop tcp\" -j DROP",
               "-p udp -m comment --comment \"drop udp\" -j DROP",
-              "-m comment --comment \"drop other_ip\" -j DROP"]
+              "-m comment --comment \"drop other_ip\" -j DROP",
+              self._version_rule()]
+        return [f"-A {chain} {x}" for x in r]
+
+    def _rules6(self, chain: str, direction: str) -> list[str]:
+        r = [self._ipsec_rule(direction)] if self.ipsec else []
+        r += [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m comment --comment \"pass nd\" -j RETURN"
+              for t in (133, 134, 135, 136)]
+        r += ["-m comment --comment \"drop ipv6\" -j DROP", self._version_rule()]
         return [f"-A {chain} {x}" for x in r]
 
     @staticmethod
-    def _rules6(chain: str) -> list[str]:
-        r = [f"-p ipv6-icmp -m icmp6 --icmpv6-type {t} -m comment --comment \"pass nd\" -j RETURN"
-             for t in (133, 134, 135, 136)]
-        r.append("-m comment --comment \"drop ipv6\" -j DROP")
-        return [f"-A {chain} {x}" for x in r]
+    def _ipsec_rule(direction: str) -> str:
+        return f"-m policy --dir {direction} --pol ipsec -m comment --comment \"pass ipsec\" -j RETURN"
+
+    def _version_rule(self) -> str:
+        # no target: never reached after "drop other_ip"/"drop ipv6", only read back
+        return f"-m comment --comment \"rules v{RULES_VERSION}{'' if self.ipsec else ' no-ipsec'}\""
 
     @staticmethod
     def _state_rule(chain: str, state: GateState) -> str | None:
@@ -158,13 +186,14 @@ class NetfilterBackend:
                     continue
                 out.setdefault(idx, {"rules": []})["rules"].append((pk, by, chain, spec))
         for idx, d in out.items():
-            st = GateState.CLOSED
+            d["state"], d["version"] = GateState.CLOSED, None
             for _, _, chain, spec in d["rules"]:
-                m = _COMMENT_RE.search(spec)
-                if m and m.group(1).startswith("state "):
-                    st = GateState(m.group(1)[len("state "):])
-                    break
-            d["state"] = st
+                c = self._comment(spec) or ""
+                v = _VERSION_RE.match(c)
+                if c.startswith("state "):
+                    d["state"] = GateState(c[len("state "):])
+                elif v:
+                    d["version"] = int(v.group(1))
         return out
 
     def states(self) -> dict[int, GateState]:
@@ -173,23 +202,49 @@ class NetfilterBackend:
     def attach(self, ifname: str, ifindex: int, state: GateState) -> None:
         cur = self._parsed().get(ifindex)
         if cur is not None and "ifname" in cur:
-            self.set_state(ifname, ifindex, state)
-            return
+            if cur["version"] == RULES_VERSION:
+                self.set_state(ifname, ifindex, state)
+                return
+            log.warning("gate: %s: rebuilding netfilter chains left by another agent version (rules v%s, "
+                        "this agent writes v%d)", ifname, cur["version"], RULES_VERSION)
+            jump = False           # the jumps are there: the chains are refilled in one commit each
+        else:
+            jump = True
         for family in (4, 6):
-            text = []
+            # ingress first: a new link is closed both ways before anything it sends is judged
             for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
-                chain = self._chain(ifindex, direction)
-                text.append(f"*{table}")
-                text.append(f":{chain} - [0:0]")
-                sr = self._state_rule(chain, state)
-                if sr:
-                    text.append(f"-A {sr}")
-                text += self._rules4(chain, direction) if family == 4 else self._rules6(chain)
-                base = self._jump(ifname, ifindex, direction)
-                b, rest = base.split(" ", 1)
-                text.append(f"-I {b} 1 {rest}")
-                text.append("COMMIT")
-            self._restore(family, "\n".join(text) + "\n")
+                self._build(family, table, ifname, ifindex, direction, state, jump)
+
+    def _chain_text(self, family: int, table: str, ifname: str, ifindex: int, direction: str,
+                    state: GateState, jump: bool) -> str:
+        chain = self._chain(ifindex, direction)
+        text = [f"*{table}", f":{chain} - [0:0]"]        # declaring an existing chain flushes it
+        sr = self._state_rule(chain, state)
+        if sr:
+            text.append(f"-A {sr}")
+        text += self._rules4(chain, direction) if family == 4 else self._rules6(chain, direction)
+        if jump:
+            b, rest = self._jump(ifname, ifindex, direction).split(" ", 1)
+            text.append(f"-I {b} 1 {rest}")
+        text.append("COMMIT")
+        return "\n".join(text) + "\n"
+
+    def _build(self, family: int, table: str, ifname: str, ifindex: int, direction: str,
+               state: GateState, jump: bool) -> None:
+        """One table's chain in one commit; without xt_policy in the kernel, again without the ipsec rule."""
+        try:
+            self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump))
+        except GateError as first:
+            if not self.ipsec:
+                raise
+            self.ipsec = False
+            try:
+                self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump))
+            except GateError:
+                self.ipsec = True
+                raise first from None
+            log.warning("gate: netfilter has no IPsec policy match here (%s); the gate rules leave it out: "
+                        "what an SA decrypts waits for the verdict like other traffic", first)
 
     def set_state(self, ifname: str, ifindex: int, state: GateState) -> None:
         cur = self._parsed().get(ifindex)
@@ -226,10 +281,10 @@ class NetfilterBackend:
                     if c != chain:
                         continue
                     found = True
-                    m = _COMMENT_RE.search(spec)
-                    if not m:
+                    c = self._comment(spec)
+                    if not c:
                         continue
-                    kind, _, reason = m.group(1).partition(" ")
+                    kind, _, reason = c.partition(" ")
                     if kind == "state":
                         if reason == "open":
                             d["pass"]["open"] += pk

@@ -500,8 +500,10 @@ class MobileNodeAgent:
         if self.gate is not None:
             self.gate.set_allowed(home_agents=[(self.cfg.home_agent, 434)], gateways=self._gateways())
             for ifname in self.cfg.interfaces:
-                with contextlib.suppress(Exception):
+                try:
                     self.gate.attach(ifname)       # closed, or the state a predecessor left (adopted)
+                except Exception as e:             # absent until it appears; every link-up closes it again
+                    log.warning("gate: %s not gated yet: %s", ifname, e)
         if self.vpn is not None:
             self.vpn.on_event = self._on_vpn
         self.control.register("status", self.status)
