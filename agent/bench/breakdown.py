@@ -42,10 +42,13 @@ def mobike_steps(moves: list[dict]) -> dict:
     return out
 
 
-def emulation_factor(res: dict) -> tuple[float | None, dict | None, dict | None]:
-    """(F, host yardstick, VM yardstick) from the machines of a merged bench result."""
+def emulation_factor(res: dict, part: str = "handover") -> tuple[float | None, dict | None, dict | None]:
+    """(F, host yardstick, VM yardstick) from the machines of a merged bench result: those of the run
+    that measured ``part`` (a part merged in from a later run, maybe on another machine, has its own)."""
+    ms = res.get("machines") or []
+    mine = [m for m in ms if part in (m.get("merged_parts") or [])] or [m for m in ms if not m.get("merged_parts")]
     host = vm = None
-    for m in res.get("machines") or []:
+    for m in mine:
         ps = m.get("python_speed")
         if not ps or "per_s" not in ps:
             continue

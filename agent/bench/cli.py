@@ -220,7 +220,7 @@ def merge_into(earlier: dict, new: dict, parts: list[str]) -> dict:
         if p in new.get("parts", {}):
             out["parts"][p] = new["parts"][p]
     have = {json.dumps(m, sort_keys=True, default=str) for m in out.get("machines", [])}
-    out["machines"] = list(out.get("machines", [])) + [m for m in new.get("machines", [])
+    out["machines"] = list(out.get("machines", [])) + [dict(m, merged_parts=list(parts)) for m in new.get("machines", [])
                                                          if json.dumps(m, sort_keys=True, default=str) not in have]
     meta = dict(earlier.get("meta", {}))
     nm = new.get("meta", {})

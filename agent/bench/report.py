@@ -281,7 +281,8 @@ def markdown(res: dict) -> str:
       f"{_f(meta.get('duration_s'))} s.")
     for mg in meta.get("merged") or []:
         A(f"Part(s) {', '.join(mg.get('parts') or [])} from a later run merged in: `{mg.get('command')}`, "
-          f"{mg.get('started')}, {_f(mg.get('duration_s'))} s.")
+          f"{mg.get('started')}, {_f(mg.get('duration_s'))} s"
+          + (f", host: {_machine_line(mg['host'])}." if mg.get("host") else "."))
     A("")
     A(f"- host: {_machine_line(meta.get('host'))}")
     if meta.get("vm"):

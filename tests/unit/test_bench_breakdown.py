@@ -42,3 +42,20 @@ def test_merge_into_replaces_parts_and_says_so():
     assert out["meta"]["merged"] == [{"parts": ["gate"], "command": "mipmobike bench --parts gate", "started": "t1",
                                       "duration_s": 100, "host": None}]
     assert earlier["parts"]["gate"] == {"old": True}          # the earlier report is not changed in place
+
+
+def test_a_merged_part_keeps_the_emulation_factor_of_its_own_run():
+    """Goodput merged in from a later run on another host must not change the estimate of the handover
+    figures the first run measured (and a merged-in handover part uses its own run's factor)."""
+    from agent.bench.cli import merge_into
+    first = {"parts": {"handover": {"x": 1}}, "meta": {},
+             "machines": [{"vm": False, "python_speed": {"per_s": 40000}}, {"vm": True, "python_speed": {"per_s": 2000}}]}
+    later = {"parts": {"goodput": {"y": 2}}, "meta": {},
+             "machines": [{"vm": False, "python_speed": {"per_s": 30000}}, {"vm": True, "python_speed": {"per_s": 1000}}]}
+    out = merge_into(first, later, ["goodput"])
+    assert [m.get("merged_parts") for m in out["machines"]] == [None, None, ["goodput"], ["goodput"]]
+    assert breakdown.emulation_factor(out)[0] == 20.0
+    assert breakdown.emulation_factor(out, "goodput")[0] == 30.0
+    again = merge_into(out, {"parts": {"handover": {"z": 3}}, "meta": {}, "machines": [
+        {"vm": False, "python_speed": {"per_s": 50000}}, {"vm": True, "python_speed": {"per_s": 1000}}]}, ["handover"])
+    assert breakdown.emulation_factor(again)[0] == 50.0 and breakdown.emulation_factor(again, "goodput")[0] == 30.0
