@@ -554,7 +554,8 @@ def markdown(res: dict) -> str:
     for m in res.get("machines", []):
         caps = m.get("caps") or {}
         A(f"- {m.get('where')}: {_machine_line(m)}; ESP {caps.get('esp')}, ipip {caps.get('ipip')}, "
-          f"netem {caps.get('netem')}")
+          f"netem {caps.get('netem')}"
+          + (f" (the later run of part(s) {', '.join(m['merged_parts'])})" if m.get("merged_parts") else ""))
     A("")
     A("Raw numbers (every move, every run): the JSON report next to this file.")
     return "\n".join(L) + "\n"
