@@ -18,7 +18,9 @@ different CPUs (``-A``). Configurations of A's end of the veth:
 
 and, with ``--configs``, diagnostics: ``clsact`` (the qdisc without a
 filter), ``sham`` (the empty programs on an idle second veth in A: what
-switching itself leaves behind, static keys and RCU included).
+switching itself leaves behind, static keys and RCU included), and on
+kernels with TCX (6.6+) ``empty_tcx`` / ``gate_tcx``: the same TC programs
+attached to the device's TCX hooks instead of a clsact qdisc's filters.
 
 One iperf3 test runs per direction while the configurations take turns
 under it in short slices (switch, settle ``--settle``, count ``--slice``),
@@ -79,6 +81,7 @@ from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
 from agent.gate import Gate, GateState  # noqa: E402
 from agent.gate.allowlist import AllowEntry  # noqa: E402
 from agent.gate.bpf_backend import TC_EGRESS, TC_INGRESS, ensure_bpffs, unmount_bpffs  # noqa: E402
+from agent.gate import bpfsys  # noqa: E402
 from agent.gate.bpfsys import prog_test_run  # noqa: E402
 from agent.gate.nsutil import netns  # noqa: E402
 from agent.bench.env import sigterm_exits  # noqa: E402
@@ -97,9 +100,12 @@ CONFIGS = {
 EXTRA_CONFIGS = {
     "clsact": "clsact qdisc, no filter",
     "sham": "sham: empty programs on an idle veth",
+    # TCX (kernel 6.6+): the same SCHED_CLS programs on the device's own hooks, no qdisc or classifier
+    "empty_tcx": "empty programs, TCX egress + TCX ingress",
+    "gate_tcx": "gate open, TCX egress + TCX ingress (the gate's TC programs)",
 }
 ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS}
-GATE_VS_EMPTY = {"gate_xdp": "empty_xdp", "gate_tc": "empty_tc"}
+GATE_VS_EMPTY = {"gate_xdp": "empty_xdp", "gate_tc": "empty_tc", "gate_tcx": "empty_tcx"}
 
 # The hook's own cost: programs that do nothing, attached like the gate's.
 EMPTY_C = r"""
@@ -345,8 +351,22 @@ def main() -> int:
         time.sleep(0.3)
         counters = {"egress": Counter(b, b_if), "ingress": Counter(a, a_if)}
 
+        a_idx = int(sh("ip", "netns", "exec", a, "cat", f"/sys/class/net/{a_if}/ifindex").stdout)
+        tcx_fds = {"empty_tcx": (empty.fds["tc"], empty.fds["tc"]),
+                   "gate_tcx": (gate.backend.prog_fds["gate_egress"], gate.backend.prog_fds["gate_ingress_tc"])}
+
+        def tcx(cfg: str, attach: bool) -> None:
+            fn = bpfsys.tcx_attach if attach else bpfsys.tcx_detach
+            if cfg == "gate_tcx" and attach:
+                gate.backend._set(a_idx, GateState.OPEN)
+            with netns(a):                        # the ifindex is resolved in the caller's namespace
+                for fd, hook in zip(tcx_fds[cfg], (bpfsys.BPF_TCX_EGRESS, bpfsys.BPF_TCX_INGRESS)):
+                    fn(a_idx, fd, hook)
+
         def setup(cfg: str) -> None:
-            if cfg == "clsact":
+            if cfg in tcx_fds:
+                tcx(cfg, True)
+            elif cfg == "clsact":
                 with netns(a), IPRoute() as ipr:
                     ipr.tc("add", "clsact", ipr.link_lookup(ifname=a_if)[0])
             elif cfg.startswith("gate_"):
@@ -358,7 +378,9 @@ def main() -> int:
                 empty.attach(sham_if, "xdp")
 
         def teardown(cfg: str) -> None:
-            if cfg.startswith("gate_"):
+            if cfg in tcx_fds:
+                tcx(cfg, False)
+            elif cfg.startswith("gate_"):
                 gate.detach(a_if)
             elif cfg.startswith("empty_") or cfg == "clsact":
                 empty.detach(a_if)

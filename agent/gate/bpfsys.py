@@ -22,6 +22,8 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_GET_FD_BY_ID = 13
@@ -30,6 +32,8 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_TEST_RUN = 10
 
 BPF_ANY = 0
+BPF_TCX_INGRESS = 46      # enum bpf_attach_type (kernel 6.6+)
+BPF_TCX_EGRESS = 47
 BPF_FS_MAGIC = 0xCAFE4A11
 
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -226,3 +230,13 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1) -> tuple[int, int]
     retval, = struct.unpack_from("=I", attr, 4)
     duration, = struct.unpack_from("=I", attr, 36)
     return retval, duration
+
+
+def tcx_attach(ifindex: int, prog_fd: int, attach_type: int) -> None:
+    """Attach a SCHED_CLS program to a device's TCX hook (kernel 6.6+), without a link: like a tc
+    filter it stays attached after this process closes its fd (ENOSYS-like errors where TCX is absent)."""
+    _bpf(BPF_PROG_ATTACH, _attr(struct.pack("=IIIII", ifindex, prog_fd, attach_type, 0, 0)))
+
+
+def tcx_detach(ifindex: int, prog_fd: int, attach_type: int) -> None:
+    _bpf(BPF_PROG_DETACH, _attr(struct.pack("=IIIII", ifindex, prog_fd, attach_type, 0, 0)))
