@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str | None, str]] = {
     "fa": ("agent.fa", "run the internal foreign agent (i-FA)"),
     "status": ("agent.status", "show a running daemon's state"),
     "check-config": ("agent.check_config", "validate a configuration file"),
-    "gate": ("agent.gate.cli", "inspect or open the trust-detection gate"),
+    "gate": ("agent.gate.cli", "inspect, open or close the trust-detection gate"),
     "testbed": ("agent.testbed.cli", "build the RFC 5266 Figure-1 testbed in namespaces"),
     "demo": ("agent.demo.cli", "run the scripted roaming demo"),
     "bench": ("agent.bench.cli", "run the kernel-path performance suite"),

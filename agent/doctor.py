@@ -227,6 +227,12 @@ def run(args) -> int:
     if not (by.get("bcc") and by["bcc"].ok) and not (by.get("tool:nft") and by["tool:nft"].ok) \
             and not (by.get("tool:iptables") and by["tool:iptables"].ok):
         fatal.append("gate")
+    # not blocking, but what the node can then do is less than the product promises
+    limits = []
+    if not (by.get("esp") and by["esp"].ok):
+        limits.append("no ESP: no VPN, so untrusted links stay closed (no mode mc)")
+    if not (by.get("ipip") and by["ipip"].ok):
+        limits.append("no ipip: no Mobile IP tunnel for modes c and mc (only datapath = \"none\", signalling)")
     report = {
         "kernel": os.uname().release,
         "in_vm": os.environ.get("MIPMOBIKE_IN_VM") == "1",
@@ -234,6 +240,7 @@ def run(args) -> int:
         "tiers": tier,
         "mobile_node_can_run": not fatal,
         "blocking": fatal,
+        "limits": limits,
         "seconds": round(time.monotonic() - t0, 2),
     }
     if args.json:
@@ -244,4 +251,6 @@ def run(args) -> int:
             print(f"  {'ok  ' if c.ok else 'NO  '} {c.name:<16} {c.detail}")
         print("  test tiers: " + ", ".join(f"{k}={v}" for k, v in tier.items()))
         print("  mobile node: " + ("can run" if not fatal else "cannot run: missing " + ", ".join(fatal)))
+        for lim in limits:
+            print(f"    but {lim}")
     return 0 if not fatal else 1

@@ -97,7 +97,7 @@ def _in_vm(args, paths: dict[str, bool]) -> int:
         env["VM_SHARE"] = str(out.parent)           # the guest's root is a throw-away overlay
     env["VM_KEEPENV"] = (env.get("VM_KEEPENV", "") + " PYTHONUNBUFFERED").strip()
     env["PYTHONUNBUFFERED"] = "1"
-    say("  booting Debian's cloud kernel under qemu (TCG: everything runs 5-10x slower; 1-4 min in all)")
+    say("  booting Debian's cloud kernel under qemu (TCG, an emulated CPU: the agent's Python runs ~20x slower; a minute or a few in all)")
     p = subprocess.Popen(argv, cwd=str(top), env=env)
     try:
         return p.wait()

@@ -24,6 +24,9 @@ def test_doctor_json_reports_tried_features():
     assert c["esp"]["ok"] is has_esp
     assert r["tiers"]["kernel"] == ("native" if has_esp and c["ipip"]["ok"] else "vm")
     assert r["mobile_node_can_run"] is True
+    # what the node cannot do here is said, not hidden behind "can run"
+    assert any("no ESP" in x for x in r["limits"]) is (not has_esp)
+    assert any("no ipip" in x for x in r["limits"]) is (not c["ipip"]["ok"])
     # nothing left behind by the scratch namespace
     ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "mmdoc-" not in ns
