@@ -110,6 +110,14 @@ def _link_kind(ipr, ifindex) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
+class _ForeignAbi(Exception):
+    """_recover found the attached programs' maps, written by an agent of another ABI."""
+
+    def __init__(self, abi: int) -> None:
+        super().__init__(abi)
+        self.abi = abi
+
+
 class BpfBackend:
     name = "bpf"
 
@@ -126,27 +134,33 @@ class BpfBackend:
         self.adopted = False
         if create:
             ensure_bpffs(bpffs)
+        foreign = None          # the ABI of a gate another agent version left, to be replaced
         if is_bpffs(bpffs) and self._pins_complete():
             self._open_pins()
             self.adopted = True
-        elif self._recover(cache_dir):
-            self.adopted = True
-        elif not create:
-            raise GateError(f"no gate objects pinned in {self.dir}")
+            abi = _CONFIG.unpack(self.maps["config"].lookup(struct.pack("=I", 0))[:_CONFIG.size])[0]
+            if abi != ABI:
+                self.release()
+                foreign = abi
         else:
-            self._create(cache_dir)
+            try:
+                self.adopted = self._recover(cache_dir)
+            except _ForeignAbi as e:
+                foreign = e.abi
+            if not self.adopted and foreign is None:
+                if not create:
+                    raise GateError(f"no gate objects pinned in {self.dir}")
+                self._create(cache_dir)
+        relink: list[tuple[int, str, int]] = []
+        if foreign is not None:
+            if not create:
+                raise GateAbiError(f"the gate in {self.dir} has ABI {foreign}, this agent speaks {ABI}; "
+                                   f"the agent replaces it when it starts (or `mipmobike gate close`)")
+            relink = self._replace(foreign, cache_dir)
+            self.adopted = True
         cfg = self.maps["config"].lookup(struct.pack("=I", 0))
         abi, mark, mask, _ = _CONFIG.unpack(cfg)
-        fresh = not self.adopted
-        if self.adopted and abi != ABI:
-            if not create:
-                self.release()
-                raise GateAbiError(f"pinned gate in {self.dir} has ABI {abi}, this agent speaks {ABI}; "
-                                   f"the agent replaces it when it starts (or `mipmobike gate close`)")
-            relink = self._upgrade(abi, cache_dir)
-            fresh = True
-        else:
-            relink = []
+        fresh = not self.adopted or foreign is not None
         # rrq_mark None: keep an adopted gate's mark (an operator's `mipmobike
         # gate status` must not change what the running agent configured)
         if rrq_mark is None and fresh:
@@ -158,7 +172,7 @@ class BpfBackend:
             try:
                 self.attach(name, idx, GateState.CLOSED)
             except GateError as e:          # gone meanwhile, say; the old program (if any) still gates it
-                log.warning("gate: %s kept the ABI %d program: %s", name, abi, e)
+                log.error("gate: %s: the ABI %d programs could not all be replaced: %s", name, foreign, e)
 
     # -- objects ---------------------------------------------------------
     def _pins_complete(self) -> bool:
@@ -182,18 +196,24 @@ class BpfBackend:
             shutil.rmtree(self.dir, ignore_errors=True)
         self._pin(*loader.instantiate(cache_dir))
 
-    def _upgrade(self, old_abi: int, cache_dir: str | None) -> list[tuple[int, str, int]]:
-        """Replace a gate another ABI pinned (an agent upgrade after a crash or a reboot-less update).
-        Its programs stay attached while ours are made; then ours replace them link by link (the TC
-        filters in place, XDP atomically), every link closed: the old maps' layout is not ours to read,
-        and detection reopens what is trusted. No link is ungated on the way."""
+    def _replace(self, old_abi: int, cache_dir: str | None) -> list[tuple[int, str, int]]:
+        """Replace a gate another ABI left (an agent upgrade after a crash or a reboot-less update).
+        Ours are made first: if that fails the old gate is left exactly as it is (GateAbiError).
+        Then the old pins go and ours replace the old programs link by link (the caller attaches,
+        once the config is written: TC filters in place, XDP atomically), every link closed: the
+        old maps' layout is not ours to read, and detection reopens what is trusted."""
         links = self._gated_links()
+        try:
+            prog_fds, map_fds = loader.instantiate(cache_dir)
+        except Exception as e:
+            raise GateAbiError(f"the gate in {self.dir} has ABI {old_abi}, this agent speaks {ABI}, and this "
+                               f"agent's gate cannot be built to replace it: {e}") from e
         log.warning("gate: replacing the ABI %d gate in %s with ABI %d; %s closed until detection",
                     old_abi, self.dir, ABI, ", ".join(n for _, n, _ in links) or "no link")
-        self.release()
+        ensure_bpffs(self.root)
         shutil.rmtree(self.dir, ignore_errors=True)
-        self._create(cache_dir)
-        return links          # attached by the caller once the new config is written
+        self._pin(prog_fds, map_fds)
+        return links
 
     def _gated_links(self) -> list[tuple[int, str, int]]:
         """(ifindex, name, XDP prog id) of the links carrying this instance's egress filter."""
@@ -256,6 +276,13 @@ class BpfBackend:
             for fd in maps.values():
                 os.close(fd)
             return False
+        cfg = bpfsys.Map(maps["config"], owned=False).lookup(struct.pack("=I", 0))
+        # the ABI is the config's first word in every version
+        abi = _CONFIG.unpack(cfg[:_CONFIG.size])[0] if cfg is not None and len(cfg) >= _CONFIG.size else None
+        if abi != ABI:          # another version's maps: not ours to load programs against
+            for fd in maps.values():
+                os.close(fd)
+            raise _ForeignAbi(abi if abi is not None else -1)
         try:
             ensure_bpffs(self.root)
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -370,10 +397,18 @@ class BpfBackend:
             if hook == "auto":
                 hook = choose_ingress(_link_kind(ipr, ifindex), None)
             if hook == "xdp":
-                if not self._xdp_attach(ipr, ifname, ifindex):
-                    log.warning("gate: %s: XDP hook taken by another program; gating ingress with TC",
-                                ifname)
+                try:
+                    xdp_ok, why = self._xdp_attach(ipr, ifname, ifindex), "taken by another program"
+                except GateError as e:          # say EBUSY from the driver
+                    xdp_ok, why = False, str(e)
+                if not xdp_ok:
+                    log.warning("gate: %s: XDP hook %s; gating ingress with TC", ifname, why)
+                    # TC ingress runs after XDP: whatever XDP program stays, ours judges ingress
                     self._tc_attach(ipr, ifname, ifindex, TC_INGRESS, "gate_ingress_tc")
+                    try:
+                        self._drop_our_xdp(ipr, ifindex)    # an older gate's, with maps not ours
+                    except NetlinkError as e:
+                        log.warning("gate: %s: an older gate XDP program stays before ours: %s", ifname, e)
                 elif self.ingress_hook == "auto" and choose_ingress(None, self._xdp_mode(ipr, ifindex)) == "tc":
                     # the driver runs XDP only in generic (skb) mode: TC is the cheaper hook there
                     self._tc_attach(ipr, ifname, ifindex, TC_INGRESS, "gate_ingress_tc")

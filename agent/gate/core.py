@@ -128,10 +128,12 @@ class Gate:
                 if create:
                     allow.ensure()
                 return b
-            except GateAbiError:
+            except GateAbiError as e:
                 if not create:
                     raise
-                return bpf(True)        # replaces the other ABI's gate (the links stay gated, closed)
+                # bpf(create) below replaces the other version's gate (links gated throughout, closed),
+                # unless a netfilter gate already stands on it (an earlier replacement failed): adopted
+                log.warning("gate: %s", e)
             except GateError:
                 pass
             except OSError:
@@ -144,8 +146,13 @@ class Gate:
                 raise GateError(f"no gate instance {self.instance!r} is installed here")
         try:
             b = bpf(create)
-        except GateAbiError:
-            raise
+        except GateAbiError as e:
+            if want == "bpf" or not create:
+                raise
+            # the other version's programs stay attached, as they were; a closed netfilter gate on top
+            # is the only way left to gate the links (fail closed: both must pass what leaves)
+            log.error("gate: %s; gating with netfilter on top of it", e)
+            return nf()
         except Exception as e:
             if want == "bpf":
                 raise GateError(f"BPF gate unavailable: {e}") from e

@@ -199,21 +199,57 @@ class NetfilterBackend:
     def states(self) -> dict[int, GateState]:
         return {i: d["state"] for i, d in self._parsed().items() if "ifname" in d}
 
+    def _layout(self, ifindex: int) -> dict[tuple[int, str], dict]:
+        """Per (family, direction): does our chain exist, does the base chain jump to it, and which
+        rules version its last rule names (None: no version rule)."""
+        out = {}
+        for family in (4, 6):
+            for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
+                chain = self._chain(ifindex, direction)
+                saved = self._run(["iptables-save" if family == 4 else "ip6tables-save", "-c", "-t", table])
+                rules = [(m.group(3), m.group(4)) for m in map(_RULE_RE.match, saved.splitlines()) if m]
+                version = None
+                for c, spec in rules:
+                    v = _VERSION_RE.match(self._comment(spec) or "") if c == chain else None
+                    if v:
+                        version = int(v.group(1))
+                out[(family, direction)] = {
+                    "chain": f"\n:{chain} " in saved,
+                    "jump": any(c in (BASE_IN, BASE_OUT) and spec.endswith(f"-j {chain}") for c, spec in rules),
+                    "version": version}
+        return out
+
     def attach(self, ifname: str, ifindex: int, state: GateState) -> None:
-        cur = self._parsed().get(ifindex)
-        if cur is not None and "ifname" in cur:
-            if cur["version"] == RULES_VERSION:
-                self.set_state(ifname, ifindex, state)
-                return
-            log.warning("gate: %s: rebuilding netfilter chains left by another agent version (rules v%s, "
-                        "this agent writes v%d)", ifname, cur["version"], RULES_VERSION)
-            jump = False           # the jumps are there: the chains are refilled in one commit each
-        else:
-            jump = True
+        lay = self._layout(ifindex)
+        if all(v["chain"] and v["jump"] and v["version"] == RULES_VERSION for v in lay.values()):
+            self.set_state(ifname, ifindex, state)
+            return
+        if any(v["chain"] or v["jump"] for v in lay.values()):
+            # a build cut off half way (the agent killed between commits, a failed restore), or chains of
+            # another agent version: every chain refilled, the jumps that are missing added
+            log.warning("gate: %s: rebuilding netfilter chains (incomplete, or another agent version's: %s)",
+                        ifname, ", ".join(f"v{f} {d}: " + ("ok" if v["chain"] and v["jump"] else "missing")
+                                          + f" rules v{v['version']}" for (f, d), v in lay.items()))
         for family in (4, 6):
             # ingress first: a new link is closed both ways before anything it sends is judged
             for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
-                self._build(family, table, ifname, ifindex, direction, state, jump)
+                self._build(family, table, ifname, ifindex, direction, state,
+                            jump=not lay[(family, direction)]["jump"])
+
+    def _policy_match(self, family: int) -> bool:
+        """Can this kernel's netfilter use the IPsec policy match (xt_policy)? A scratch chain tells."""
+        chain = f"{self.prefix}probe"
+        try:
+            self._restore(family, f"*{TABLE_IN}\n:{chain} - [0:0]\n"
+                                  f"-A {chain} -m policy --dir in --pol ipsec -j RETURN\nCOMMIT\n")
+            return True
+        except GateError:
+            return False
+        finally:
+            try:
+                self._restore(family, f"*{TABLE_IN}\n:{chain} - [0:0]\n-X {chain}\nCOMMIT\n")
+            except GateError:
+                pass
 
     def _chain_text(self, family: int, table: str, ifname: str, ifindex: int, direction: str,
                     state: GateState, jump: bool) -> str:
@@ -235,8 +271,8 @@ class NetfilterBackend:
         try:
             self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump))
         except GateError as first:
-            if not self.ipsec:
-                raise
+            if not self.ipsec or self._policy_match(family):
+                raise                       # not the policy match: the real error
             self.ipsec = False
             try:
                 self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump))

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import struct
 
 import pytest
@@ -179,6 +180,221 @@ def test_a_restore_failure_that_is_not_the_policy_match_is_raised(lab, monkeypat
         with pytest.raises(GateError, match="line 2 failed"):
             g.attach(lab.mn_if)
         assert g.backend.ipsec is True
+    finally:
+        monkeypatch.undo()
+        g.destroy()
+        g.release()
+
+
+# -- what a replacement or a build cut off half way must not leave open (review: trying to break it) ------
+V6_MN, V6_FAR = "fd00:61::1", "fd00:61::2"
+
+
+def _with_ipv6(lab) -> None:
+    for ns, i in ((lab.mn, lab.mn_if), (lab.far, lab.far_if)):
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "0")
+        ns.sysctl(f"net.ipv6.conf.{i}.disable_ipv6", "0")
+    lab.mn.ip("addr", "add", f"{V6_MN}/64", "dev", lab.mn_if, "nodad")
+    lab.far.ip("addr", "add", f"{V6_FAR}/64", "dev", lab.far_if, "nodad")
+    assert lab.mn.ping(V6_FAR, 1, 2, "-6")
+
+
+def _older_abi(g: Gate) -> None:
+    """Make the gate look like one an agent of the previous ABI left (the config's first word)."""
+    from agent.gate.bpf_backend import _CONFIG
+    key = struct.pack("=I", 0)
+    cfg = g.backend.maps["config"]
+    abi, mark, mask, pad = _CONFIG.unpack(bytes(cfg.lookup(key)))
+    cfg.update(key, _CONFIG.pack(abi - 1, mark, mask, pad))
+
+
+def _udp_arrives(src_ns, dst_ns, dst: str, port: int) -> bool:
+    from tests.netns.test_gate_filter import recv_or_none, sock_in, try_send
+    rx = sock_in(dst_ns, bind=(dst, port), timeout=1)
+    tx = sock_in(src_ns)
+    try:
+        try_send(tx, b"probe", (dst, port))
+        return recv_or_none(rx, 1.0) is not None
+    finally:
+        rx.close()
+        tx.close()
+
+
+def _cleanup_bpf(inst, lab, bpffs, gate_cache) -> None:
+    try:
+        g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+    except Exception:
+        return
+    g.destroy()
+    g.release()
+
+
+def test_a_replacement_that_cannot_be_built_keeps_the_old_gate_and_gates_with_netfilter(lab, bpffs, gate_cache,
+                                                                                          monkeypatch):
+    """No bcc and a compile cache that misses (a new gate.c): the old gate, open, is left as it is and a
+    closed netfilter gate goes on top ("auto"); backend = bpf refuses. Before: the old pins were removed
+    first and the agent could not start at all, leaving the link open."""
+    from agent.gate import loader
+    inst = _instance()
+    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+    n = None
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(lab.mn_if)
+        g.open(lab.mn_if)
+        _older_abi(g)
+        g.release()
+        pins = sorted(os.listdir(os.path.join(bpffs, inst)))
+
+        def no_bcc(*a, **k):
+            raise loader.GateUnavailable("bcc is not importable (simulated)")
+        monkeypatch.setattr(loader, "instantiate", no_bcc)
+        with pytest.raises(GateAbiError, match="cannot be built"):
+            Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+        n = Gate(inst, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+        assert n.backend_name == "netfilter"
+        assert sorted(os.listdir(os.path.join(bpffs, inst))) == pins      # the old gate untouched
+        n.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        assert n.attach(lab.mn_if) == GateState.CLOSED
+        assert not echo_ok(lab.mn, OTHER)
+    finally:
+        monkeypatch.undo()
+        if n is not None:
+            n.destroy()
+            n.release()
+        _cleanup_bpf(inst, lab, bpffs, gate_cache)
+
+
+@pytest.mark.parametrize("fail_at", ["v6", "v4-egress"])
+def test_a_netfilter_build_cut_off_half_way_is_completed(fail_at, lab, monkeypatch):
+    """The agent killed (or a restore failing) between the per-table commits: the next attach finds
+    the chains incomplete and builds the rest instead of taking them as current."""
+    _with_ipv6(lab)
+    real = NetfilterBackend._restore
+    armed = [True]
+
+    def cut(self, family, text):
+        if armed[0] and ((family == 6) if fail_at == "v6" else (family == 4 and text.startswith("*mangle"))):
+            raise GateError("killed here (simulated)")
+        return real(self, family, text)
+
+    monkeypatch.setattr(NetfilterBackend, "_restore", cut)
+    inst = _instance()
+    g = Gate(inst, backend="netfilter", netns=lab.mn.name)
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        with pytest.raises(GateError, match="simulated"):
+            g.attach(lab.mn_if)
+        armed[0] = False
+        g.release()
+        g2 = Gate(inst, netns=lab.mn.name)
+        assert g2.attach(lab.mn_if) == GateState.CLOSED
+        assert not echo_ok(lab.mn, OTHER)
+        assert not _udp_arrives(lab.mn, lab.far, OTHER, 9999)
+        assert not lab.mn.ping(V6_FAR, 1, 1, "-6")
+        for family in (4, 6):
+            for direction, table in (("in", "raw"), ("out", "mangle")):
+                rules, chain = chain_rules(lab, g2, family, table, direction)
+                assert rules[-1].endswith(f'--comment "rules v{RULES_VERSION}"'), rules
+                assert len([r for r in saved(lab, family, table) if r.endswith(f"-j {chain}")]) == 1
+    finally:
+        monkeypatch.undo()
+        g.destroy()
+
+
+@pytest.mark.parametrize("old_ingress,new_ingress", [("xdp", "xdp"), ("tc", "xdp"), ("xdp", "tc")])
+def test_a_replacement_takes_over_ingress_too(old_ingress, new_ingress, lab, bpffs, gate_cache):
+    """The old gate was open: after the replacement nothing comes in either (its ingress program is
+    gone or judged after by ours), whichever hook each version used."""
+    inst = _instance()
+    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress=old_ingress)
+    try:
+        g.attach(lab.mn_if)
+        g.open(lab.mn_if)
+        assert _udp_arrives(lab.far, lab.mn, "10.61.0.1", 9998)
+        _older_abi(g)
+        g.release()
+        g2 = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress=new_ingress)
+        g2.release()
+        assert not _udp_arrives(lab.far, lab.mn, "10.61.0.1", 9998)
+        assert not lab.far.ping("10.61.0.1", 1, 1)
+    finally:
+        _cleanup_bpf(inst, lab, bpffs, gate_cache)
+
+
+def test_lost_pins_of_another_abi_are_replaced_not_loaded_against(lab, bpffs, gate_cache):
+    """Pins lost (a private mount namespace ended) and the attached programs are another version's:
+    their maps are not loaded against (their layout may differ); the gate is replaced, closed, with no
+    netfilter gate stacked on it."""
+    import shutil
+    inst = _instance()
+    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(lab.mn_if)
+        g.open(lab.mn_if)
+        _older_abi(g)
+        g.release()
+        shutil.rmtree(os.path.join(bpffs, inst))
+        with pytest.raises(GateAbiError):
+            Gate(inst, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, create=False)
+        assert not os.path.exists(os.path.join(bpffs, inst)), "a read-only look wrote pins"
+        g2 = Gate(inst, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
+        assert g2.backend_name == "bpf" and g2.state(lab.mn_if) == GateState.CLOSED
+        g2.release()
+        assert not [r for t in ("raw", "mangle") for r in saved(lab, 4, t) if f"mipmobike-gate:{inst}" in r]
+        assert not echo_ok(lab.mn, OTHER)
+    finally:
+        _cleanup_bpf(inst, lab, bpffs, gate_cache)
+
+
+def test_an_xdp_attach_that_fails_falls_back_to_tc_ingress(lab, bpffs, gate_cache, monkeypatch):
+    """XDP refused (EBUSY, simulated) while replacing an open older gate: ingress is gated with TC, which
+    runs after whatever XDP program stays, so nothing comes in while the state says closed."""
+    from agent.gate.bpf_backend import BpfBackend
+    inst = _instance()
+    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress="xdp")
+    try:
+        g.attach(lab.mn_if)
+        g.open(lab.mn_if)
+        _older_abi(g)
+        g.release()
+
+        def busy(self, ipr, ifname, ifindex):
+            raise GateError(f"{ifname}: cannot attach XDP program: (16, 'Device or resource busy')")
+        monkeypatch.setattr(BpfBackend, "_xdp_attach", busy)
+        g2 = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress="xdp")
+        monkeypatch.undo()
+        assert g2.state(lab.mn_if) == GateState.CLOSED
+        g2.release()
+        assert "bpf" in lab.mn.run("tc", "filter", "show", "dev", lab.mn_if, "ingress").stdout
+        assert not _udp_arrives(lab.far, lab.mn, "10.61.0.1", 9998)
+    finally:
+        monkeypatch.undo()
+        _cleanup_bpf(inst, lab, bpffs, gate_cache)
+
+
+def test_a_transient_restore_failure_is_raised_and_keeps_the_ipsec_rule(lab, monkeypatch):
+    """Only a kernel without the policy match (a scratch chain tells) drops the ipsec rule; any other
+    failure is the error it is, and the next attach builds the full rules."""
+    real = NetfilterBackend._restore
+    left = [1]
+
+    def once(self, family, text):
+        if left[0]:
+            left[0] -= 1
+            raise GateError("iptables-restore failed: line 3 failed: Resource temporarily unavailable")
+        return real(self, family, text)
+
+    monkeypatch.setattr(NetfilterBackend, "_restore", once)
+    g = Gate(_instance(), backend="netfilter", netns=lab.mn.name)
+    try:
+        with pytest.raises(GateError, match="temporarily unavailable"):
+            g.attach(lab.mn_if)
+        assert g.backend.ipsec is True
+        assert g.attach(lab.mn_if) == GateState.CLOSED
+        rules, _ = chain_rules(lab, g, 4, "raw", "in")
+        assert any("pass ipsec" in r for r in rules) and rules[-1].endswith(f'"rules v{RULES_VERSION}"')
     finally:
         monkeypatch.undo()
         g.destroy()
