@@ -110,6 +110,57 @@ def _link_kind(ipr, ifindex) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info is not None else None
 
 
+def retire_foreign(instance: str, bpffs: str, links: list[tuple[int, str]], all_links: bool) -> None:
+    """Take another version's gate off ``links`` (the caller has gated them otherwise first): its TC
+    filters by name, its XDP program where it shares maps with the instance's egress program (not
+    another instance's). With ``all_links`` its pins go too. Needs nothing of that version's layout."""
+    tc_name = f"mipmobike-gate:{instance}"
+    with IPRoute() as ipr:
+        for idx, name in links:
+            try:
+                eg = _filter_prog_ids(name, "egress", tc_name)
+                xid = _xdp_id(ipr, idx)
+                if xid and eg and _map_ids(xid) & _map_ids(eg[0]):
+                    ipr.link("set", index=idx, xdp_fd=-1)
+                for parent in (TC_INGRESS, TC_EGRESS):           # egress last: it keeps the link gated
+                    for f in ipr.get_filters(idx, parent=parent):
+                        opts = f.get_attr("TCA_OPTIONS")
+                        if opts is not None and opts.get_attr("TCA_BPF_NAME") == tc_name:
+                            ipr.tc("del-filter", "bpf", idx, f["handle"], parent=parent, prio=f["info"] >> 16)
+            except (NetlinkError, OSError) as e:
+                log.error("gate: %s: the older gate stays attached: %s", name, e)
+                all_links = False
+    if all_links:
+        shutil.rmtree(os.path.join(bpffs, instance), ignore_errors=True)
+
+
+def _filter_prog_ids(ifname: str, hook: str, tc_name: str) -> list[int]:
+    p = subprocess.run(["tc", "-j", "filter", "show", "dev", ifname, hook], capture_output=True, text=True,
+                       timeout=10)
+    try:
+        return [int(f["options"]["prog"]["id"]) for f in json.loads(p.stdout or "[]")
+                if (f.get("options") or {}).get("bpf_name") == tc_name and "prog" in f["options"]]
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def _xdp_id(ipr, ifindex: int) -> int:
+    links = ipr.get_links(ifindex)
+    xdp = links[0].get_attr("IFLA_XDP") if links else None
+    return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp is not None else 0
+
+
+def _map_ids(prog_id: int) -> set[int]:
+    try:
+        fd = bpfsys.prog_fd_by_id(prog_id)
+    except OSError:
+        return set()
+    try:
+        return set(bpfsys.prog_info(fd)["map_ids"])
+    finally:
+        os.close(fd)
+
+
 class _ForeignAbi(Exception):
     """_recover found the attached programs' maps, written by an agent of another ABI."""
 
@@ -132,6 +183,14 @@ class BpfBackend:
         self.maps: dict[str, bpfsys.Map] = {}
         self.prog_fds: dict[str, int] = {}
         self.adopted = False
+        try:
+            self._setup(bpffs, rrq_mark, rrq_mask, cache_dir, create)
+        except BaseException:
+            self.release()          # no fds left behind by a failed start
+            raise
+
+    def _setup(self, bpffs: str, rrq_mark: int | None, rrq_mask: int, cache_dir: str | None,
+               create: bool) -> None:
         if create:
             ensure_bpffs(bpffs)
         foreign = None          # the ABI of a gate another agent version left, to be replaced
@@ -171,8 +230,16 @@ class BpfBackend:
         for idx, name, _xdp in relink:      # configured first: our programs judge from their first packet
             try:
                 self.attach(name, idx, GateState.CLOSED)
-            except GateError as e:          # gone meanwhile, say; the old program (if any) still gates it
+            except Exception as e:          # gone meanwhile, a netlink error: not reported as gated, so
+                # the next close() attaches again; our programs, where attached, drop all without a state
+                self._unstate(idx)
                 log.error("gate: %s: the ABI %d programs could not all be replaced: %s", name, foreign, e)
+
+    def _unstate(self, ifindex: int) -> None:
+        cur = self._states().get(ifindex)
+        if cur is not None:
+            self.maps["ifstate"].delete(struct.pack("=I", ifindex))
+            self._zero_slot(cur[1])
 
     # -- objects ---------------------------------------------------------
     def _pins_complete(self) -> bool:
@@ -207,7 +274,7 @@ class BpfBackend:
             prog_fds, map_fds = loader.instantiate(cache_dir)
         except Exception as e:
             raise GateAbiError(f"the gate in {self.dir} has ABI {old_abi}, this agent speaks {ABI}, and this "
-                               f"agent's gate cannot be built to replace it: {e}") from e
+                               f"agent's gate cannot be built to replace it: {e}", links=links) from e
         log.warning("gate: replacing the ABI %d gate in %s with ABI %d; %s closed until detection",
                     old_abi, self.dir, ABI, ", ".join(n for _, n, _ in links) or "no link")
         ensure_bpffs(self.root)

@@ -149,10 +149,20 @@ class Gate:
         except GateAbiError as e:
             if want == "bpf" or not create:
                 raise
-            # the other version's programs stay attached, as they were; a closed netfilter gate on top
-            # is the only way left to gate the links (fail closed: both must pass what leaves)
-            log.error("gate: %s; gating with netfilter on top of it", e)
-            return nf()
+            # this agent cannot build its BPF gate: the netfilter gate closes the old gate's links first,
+            # then the old programs come off them (left on, a closed one would block what netfilter opens)
+            from .bpf_backend import retire_foreign
+            log.error("gate: %s; gating with netfilter instead", e)
+            n = nf()
+            done = []
+            for idx, name, _x in e.links:
+                try:
+                    n.attach(name, idx, GateState.CLOSED)
+                    done.append((idx, name))
+                except GateError as err:
+                    log.error("gate: %s: netfilter cannot gate it (%s); the older gate stays on it", name, err)
+            retire_foreign(self.instance, o["bpffs"], done, all_links=len(done) == len(e.links))
+            return n
         except Exception as e:
             if want == "bpf":
                 raise GateError(f"BPF gate unavailable: {e}") from e

@@ -13,8 +13,12 @@ class GateError(RuntimeError):
 
 
 class GateAbiError(GateError):
-    """A gate of another ABI (an older or newer agent's) is installed here. Never a reason to fall back to
-    another backend: its programs stay attached and would judge the traffic alongside."""
+    """A gate of another ABI (an older or newer agent's) is installed here and cannot be replaced (read-only
+    use, or this agent's programs cannot be built). ``links``: (ifindex, name, xdp id) it gates."""
+
+    def __init__(self, msg: str, links: list | None = None) -> None:
+        super().__init__(msg)
+        self.links = list(links or [])
 
 
 class GateState(str, enum.Enum):

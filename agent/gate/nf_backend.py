@@ -30,14 +30,19 @@ the inner packet through PREROUTING of the same device a second time. The
 egress chain sees a packet an SA will encrypt before and after: the plain one
 passes as "ipsec" (``--dir out``), the ESP it becomes is judged as ESP. Where
 the kernel has no policy match (xt_policy) the rule is left out and a warning
-says so. The last rule of each chain names the layout ("rules v2"): chains of
-another layout (an agent of another version crashed) are refilled on adoption.
+says so. The last rule of each chain names the layout ("rules v2"). Attaching
+and every state change check all chains, jumps and versions of both families
+and finish or refill what is off (a build cut off between commits, another
+version's chains, a renamed link whose jumps name the old name). Without IPv6
+in the kernel only the IPv4 chains are made; with IPv6 but no usable ip6tables
+IPv4 is gated before the error is raised.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -78,6 +83,8 @@ class NetfilterBackend:
         # "-m policy" needs xt_policy in the kernel; without it the rule is left out (still fail-closed:
         # what an SA decrypted then waits for the verdict like other traffic)
         self.ipsec = True
+        # IPv6 absent from the kernel (ipv6.disable=1): nothing to gate there, and ip6tables cannot work
+        self.families = (4, 6) if os.path.exists("/proc/thread-self/net/if_inet6") else (4,)
         self.adopted = bool(self.states())
 
     # -- helpers -----------------------------------------------------------
@@ -199,11 +206,23 @@ class NetfilterBackend:
     def states(self) -> dict[int, GateState]:
         return {i: d["state"] for i, d in self._parsed().items() if "ifname" in d}
 
-    def _layout(self, ifindex: int) -> dict[tuple[int, str], dict]:
-        """Per (family, direction): does our chain exist, does the base chain jump to it, and which
-        rules version its last rule names (None: no version rule)."""
+    def _layouts(self, ifindex: int, ifname: str) -> tuple[dict, GateError | None]:
+        """_layout of every family; an ip6tables that cannot even list (no ip6 tables in this kernel) is
+        returned as the error, after IPv4's layout, so that IPv4 is still gated before it is raised."""
+        lay = self._layout(ifindex, ifname, (4,))
+        if 6 in self.families:
+            try:
+                lay.update(self._layout(ifindex, ifname, (6,)))
+            except GateError as e:
+                return lay, e
+        return lay, None
+
+    def _layout(self, ifindex: int, ifname: str, families=(4, 6)) -> dict[tuple[int, str], dict]:
+        """Per (family, direction): does our chain exist, does the base chain jump to it for ``ifname``
+        ("jump"), which jumps to it name another interface ("stale": the link was renamed), and which
+        rules version the chain's last rule names (None: no version rule)."""
         out = {}
-        for family in (4, 6):
+        for family in families:
             for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
                 chain = self._chain(ifindex, direction)
                 saved = self._run(["iptables-save" if family == 4 else "ip6tables-save", "-c", "-t", table])
@@ -213,28 +232,43 @@ class NetfilterBackend:
                     v = _VERSION_RE.match(self._comment(spec) or "") if c == chain else None
                     if v:
                         version = int(v.group(1))
+                jumps = [(c, spec) for c, spec in rules if c in (BASE_IN, BASE_OUT) and spec.endswith(f"-j {chain}")]
+                named = [(c, spec, re.search(r"-[io] (\S+)", spec)) for c, spec in jumps]
                 out[(family, direction)] = {
                     "chain": f"\n:{chain} " in saved,
-                    "jump": any(c in (BASE_IN, BASE_OUT) and spec.endswith(f"-j {chain}") for c, spec in rules),
+                    "jump": any(m is not None and m.group(1) == ifname for _, _, m in named),
+                    "stale": [(c, spec) for c, spec, m in named if m is None or m.group(1) != ifname],
                     "version": version}
         return out
 
+    @staticmethod
+    def _complete(lay: dict) -> bool:
+        return all(v["chain"] and v["jump"] and not v["stale"] and v["version"] == RULES_VERSION
+                   for v in lay.values())
+
     def attach(self, ifname: str, ifindex: int, state: GateState) -> None:
-        lay = self._layout(ifindex)
-        if all(v["chain"] and v["jump"] and v["version"] == RULES_VERSION for v in lay.values()):
-            self.set_state(ifname, ifindex, state)
+        lay, v6_error = self._layouts(ifindex, ifname)
+        if v6_error is None and self._complete(lay):
+            self._swap_state(ifname, ifindex, state)
             return
-        if any(v["chain"] or v["jump"] for v in lay.values()):
-            # a build cut off half way (the agent killed between commits, a failed restore), or chains of
-            # another agent version: every chain refilled, the jumps that are missing added
-            log.warning("gate: %s: rebuilding netfilter chains (incomplete, or another agent version's: %s)",
-                        ifname, ", ".join(f"v{f} {d}: " + ("ok" if v["chain"] and v["jump"] else "missing")
-                                          + f" rules v{v['version']}" for (f, d), v in lay.items()))
-        for family in (4, 6):
+        self._rebuild(ifname, ifindex, state, lay)
+        if v6_error is not None:
+            raise GateError(f"{ifname}: IPv4 gated, IPv6 not: {v6_error}")
+
+    def _rebuild(self, ifname: str, ifindex: int, state: GateState, lay: dict) -> None:
+        if any(v["chain"] or v["jump"] or v["stale"] for v in lay.values()):
+            # a build cut off half way (the agent killed between commits, a failed restore), a renamed
+            # link, or another agent version's chains: every chain refilled, jumps fixed
+            log.warning("gate: %s: rebuilding netfilter chains (%s)", ifname, "; ".join(
+                f"v{f} {d}: chain {'yes' if v['chain'] else 'no'}, jump {'yes' if v['jump'] else 'no'}"
+                + (f", {len(v['stale'])} for another name" if v["stale"] else "") + f", rules v{v['version']}"
+                for (f, d), v in lay.items()))
+        for family in sorted({f for f, _ in lay}):
             # ingress first: a new link is closed both ways before anything it sends is judged
             for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
-                self._build(family, table, ifname, ifindex, direction, state,
-                            jump=not lay[(family, direction)]["jump"])
+                v = lay[(family, direction)]
+                self._build(family, table, ifname, ifindex, direction, state, jump=not v["jump"],
+                            stale=v["stale"])
 
     def _policy_match(self, family: int) -> bool:
         """Can this kernel's netfilter use the IPsec policy match (xt_policy)? A scratch chain tells."""
@@ -252,9 +286,10 @@ class NetfilterBackend:
                 pass
 
     def _chain_text(self, family: int, table: str, ifname: str, ifindex: int, direction: str,
-                    state: GateState, jump: bool) -> str:
+                    state: GateState, jump: bool, stale=()) -> str:
         chain = self._chain(ifindex, direction)
         text = [f"*{table}", f":{chain} - [0:0]"]        # declaring an existing chain flushes it
+        text += [f"-D {c} {spec}" for c, spec in stale]
         sr = self._state_rule(chain, state)
         if sr:
             text.append(f"-A {sr}")
@@ -266,16 +301,17 @@ class NetfilterBackend:
         return "\n".join(text) + "\n"
 
     def _build(self, family: int, table: str, ifname: str, ifindex: int, direction: str,
-               state: GateState, jump: bool) -> None:
+               state: GateState, jump: bool, stale=()) -> None:
         """One table's chain in one commit; without xt_policy in the kernel, again without the ipsec rule."""
         try:
-            self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump))
+            self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump, stale))
         except GateError as first:
             if not self.ipsec or self._policy_match(family):
                 raise                       # not the policy match: the real error
             self.ipsec = False
             try:
-                self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump))
+                self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump,
+                                                       stale))
             except GateError:
                 self.ipsec = True
                 raise first from None
@@ -283,12 +319,22 @@ class NetfilterBackend:
                         "what an SA decrypts waits for the verdict like other traffic", first)
 
     def set_state(self, ifname: str, ifindex: int, state: GateState) -> None:
+        lay, v6_error = self._layouts(ifindex, ifname)
+        if not any(v["jump"] or v["stale"] for v in lay.values()):
+            raise GateError(f"gate is not attached to {ifname}")
+        if v6_error is not None or not self._complete(lay):
+            # half built, renamed, another version's: finish it, in this state
+            self.attach(ifname, ifindex, state)
+            return
+        self._swap_state(ifname, ifindex, state)
+
+    def _swap_state(self, ifname: str, ifindex: int, state: GateState) -> None:
         cur = self._parsed().get(ifindex)
         if cur is None or "ifname" not in cur:
             raise GateError(f"gate is not attached to {ifname}")
         if cur["state"] == state:
             return
-        for family in (4, 6):
+        for family in self.families:
             text = []
             # closing removes the state rule from egress first; opening from ingress first
             dirs = (("out", TABLE_OUT), ("in", TABLE_IN))
@@ -309,7 +355,7 @@ class NetfilterBackend:
         out = empty_counters()
         out["egress"]["pass"]["arp"] = out["ingress"]["pass"]["arp"] = None   # not seen by iptables
         found = False
-        for family in (4, 6):
+        for family in self.families:
             for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
                 chain = self._chain(ifindex, direction)
                 d = out["ingress" if direction == "in" else "egress"]
@@ -331,7 +377,7 @@ class NetfilterBackend:
         return out
 
     def detach(self, ifname: str, ifindex: int) -> None:
-        for family in (4, 6):
+        for family in self.families:
             text = []
             for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
                 chain = self._chain(ifindex, direction)
