@@ -33,7 +33,11 @@ the kernel has no policy match (xt_policy) the rule is left out and a warning
 says so. The last rule of each chain names the layout ("rules v2"). Attaching
 and every state change check all chains, jumps and versions of both families
 and finish or refill what is off (a build cut off between commits, another
-version's chains, a renamed link whose jumps name the old name). Without IPv6
+version's chains); state rules are swapped chain by chain, so a change cut
+off between families is finished by the next. netfilter matches interfaces by
+name while the chains are per ifindex: every operation moves the jumps of all
+of the instance's links to the names their ifindexes have now (a rename, two
+links swapping names, a new link taking a gone one's name). Without IPv6
 in the kernel only the IPv4 chains are made; with IPv6 but no usable ip6tables
 IPv4 is gated before the error is raised.
 """
@@ -45,6 +49,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 
 from .defs import DROP_REASONS, PASS_REASONS, GateError, GateState, empty_counters
@@ -206,69 +211,134 @@ class NetfilterBackend:
     def states(self) -> dict[int, GateState]:
         return {i: d["state"] for i, d in self._parsed().items() if "ifname" in d}
 
-    def _layouts(self, ifindex: int, ifname: str) -> tuple[dict, GateError | None]:
-        """_layout of every family; an ip6tables that cannot even list (no ip6 tables in this kernel) is
-        returned as the error, after IPv4's layout, so that IPv4 is still gated before it is raised."""
-        lay = self._layout(ifindex, ifname, (4,))
-        if 6 in self.families:
-            try:
-                lay.update(self._layout(ifindex, ifname, (6,)))
-            except GateError as e:
-                return lay, e
-        return lay, None
+    # One look at the tables per operation: iptables-save of each (family, table) once, parsed here.
+    def _snapshot(self) -> tuple[dict, GateError | None]:
+        """{(family, table): {"rules": [(chain, spec)], "chains": {names}}}; an ip6tables that cannot even
+        list (no ip6 tables in this kernel) is returned as the error, after IPv4's tables, so that IPv4
+        is still gated before it is raised."""
+        snap: dict = {}
+        for family in self.families:
+            for table in (TABLE_IN, TABLE_OUT):
+                try:
+                    saved = self._run(["iptables-save" if family == 4 else "ip6tables-save", "-c", "-t", table])
+                except GateError as e:
+                    if family == 4:
+                        raise
+                    return snap, e
+                snap[(family, table)] = {
+                    "rules": [(m.group(3), m.group(4)) for m in map(_RULE_RE.match, saved.splitlines()) if m],
+                    "chains": {line[1:].split()[0] for line in saved.splitlines() if line.startswith(":")}}
+        return snap, None
 
-    def _layout(self, ifindex: int, ifname: str, families=(4, 6)) -> dict[tuple[int, str], dict]:
-        """Per (family, direction): does our chain exist, does the base chain jump to it for ``ifname``
-        ("jump"), which jumps to it name another interface ("stale": the link was renamed), and which
-        rules version the chain's last rule names (None: no version rule)."""
+    def _jumps(self, rules: list) -> list[tuple[str, str, str | None, int]]:
+        """(base chain, spec, interface name, ifindex) of every jump into this instance's chains."""
+        out = []
+        pat = re.compile(r"-j " + re.escape(self.prefix) + r"(\d+)-(?:in|out)$")
+        for c, spec in rules:
+            m = pat.search(spec) if c in (BASE_IN, BASE_OUT) else None
+            if m:
+                n = re.search(r"-[io] (\S+)", spec)
+                out.append((c, spec, n.group(1) if n else None, int(m.group(1))))
+        return out
+
+    def _fix_jumps(self, rules: list, names: dict[int, str], direction: str) -> list[str]:
+        """Restore lines that make every jump into this instance's chains of ``direction`` name the
+        interface that now has the chain's ifindex: the right jump added first, wrong ones deleted (a
+        renamed link, two links that swapped names, a link gone whose name a new one took). netfilter
+        matches by name; the chains are per ifindex."""
+        base, opt = (BASE_IN, "-i") if direction == "in" else (BASE_OUT, "-o")
+        jumps = [j for j in self._jumps(rules) if j[0] == base]
+        add, delete = [], []
+        for idx in sorted({j[3] for j in jumps}):
+            want = names.get(idx)
+            mine = [j for j in jumps if j[3] == idx]
+            if want is not None and not any(j[2] == want for j in mine):
+                b, rest = self._jump(want, idx, direction).split(" ", 1)
+                add.append(f"-I {b} 1 {rest}")
+            delete += [f"-D {j[0]} {j[1]}" for j in mine if j[2] != want]
+        return add + delete
+
+    def _view(self, snap: dict, ifindex: int, ifname: str, names: dict[int, str]) -> dict:
+        """Per (family, direction) of ``ifindex``: chain present, its rules version, its state rules,
+        one jump naming ``ifname``, and whether any jump of the table needs fixing."""
         out = {}
-        for family in families:
-            for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
-                chain = self._chain(ifindex, direction)
-                saved = self._run(["iptables-save" if family == 4 else "ip6tables-save", "-c", "-t", table])
-                rules = [(m.group(3), m.group(4)) for m in map(_RULE_RE.match, saved.splitlines()) if m]
-                version = None
-                for c, spec in rules:
-                    v = _VERSION_RE.match(self._comment(spec) or "") if c == chain else None
-                    if v:
-                        version = int(v.group(1))
-                jumps = [(c, spec) for c, spec in rules if c in (BASE_IN, BASE_OUT) and spec.endswith(f"-j {chain}")]
-                named = [(c, spec, re.search(r"-[io] (\S+)", spec)) for c, spec in jumps]
-                out[(family, direction)] = {
-                    "chain": f"\n:{chain} " in saved,
-                    "jump": any(m is not None and m.group(1) == ifname for _, _, m in named),
-                    "stale": [(c, spec) for c, spec, m in named if m is None or m.group(1) != ifname],
-                    "version": version}
+        for (family, table), t in snap.items():
+            direction = "in" if table == TABLE_IN else "out"
+            chain = self._chain(ifindex, direction)
+            version, states = None, []
+            for c, spec in t["rules"]:
+                if c != chain:
+                    continue
+                com = self._comment(spec) or ""
+                v = _VERSION_RE.match(com)
+                if v:
+                    version = int(v.group(1))
+                elif com.startswith("state "):
+                    states.append((spec, com[len("state "):]))
+            own = [j for j in self._jumps(t["rules"]) if j[3] == ifindex]
+            out[(family, direction)] = {
+                "table": table, "name": chain, "chain": chain in t["chains"], "version": version, "states": states,
+                "jump": len(own) == 1 and own[0][2] == ifname, "any_jump": bool(own),
+                "fix": self._fix_jumps(t["rules"], names, direction)}
         return out
 
     @staticmethod
-    def _complete(lay: dict) -> bool:
-        return all(v["chain"] and v["jump"] and not v["stale"] and v["version"] == RULES_VERSION
-                   for v in lay.values())
+    def _complete(view: dict) -> bool:
+        return all(v["chain"] and v["jump"] and not v["fix"] and v["version"] == RULES_VERSION
+                   for v in view.values())
 
     def attach(self, ifname: str, ifindex: int, state: GateState) -> None:
-        lay, v6_error = self._layouts(ifindex, ifname)
-        if v6_error is None and self._complete(lay):
-            self._swap_state(ifname, ifindex, state)
-            return
-        self._rebuild(ifname, ifindex, state, lay)
+        self._ensure(ifname, ifindex, state, must_exist=False)
+
+    def set_state(self, ifname: str, ifindex: int, state: GateState) -> None:
+        self._ensure(ifname, ifindex, state, must_exist=True)
+
+    def _ensure(self, ifname: str, ifindex: int, state: GateState, must_exist: bool) -> None:
+        """Put ``ifindex`` in ``state``: refill what is off (a build cut off between commits, another
+        version's chains, jumps naming the wrong interface) or else swap the state rules, chain by
+        chain (a state change cut off between families is finished the same way)."""
+        snap, v6_error = self._snapshot()
+        view = self._view(snap, ifindex, ifname, dict(socket.if_nameindex()))
+        if must_exist and not any(v["any_jump"] for v in view.values()):
+            raise GateError(f"gate is not attached to {ifname}")
+        if self._complete(view):
+            self._swap_state(view, state)
+        else:
+            if any(v["chain"] or v["any_jump"] for v in view.values()):
+                log.warning("gate: %s: rebuilding netfilter chains (%s)", ifname, "; ".join(
+                    f"v{f} {d}: chain {'yes' if v['chain'] else 'no'}, jump {'ok' if v['jump'] else 'no'}"
+                    + (f", {len(v['fix'])} jump fixes" if v["fix"] else "") + f", rules v{v['version']}"
+                    for (f, d), v in view.items()))
+            for family in sorted({f for f, _ in view}):
+                # ingress first: a new link is closed both ways before anything it sends is judged
+                for direction in ("in", "out"):
+                    v = view[(family, direction)]
+                    self._build(family, v["table"], ifname, ifindex, direction, state, jump=not v["any_jump"],
+                                fix=v["fix"])
         if v6_error is not None:
             raise GateError(f"{ifname}: IPv4 gated, IPv6 not: {v6_error}")
 
-    def _rebuild(self, ifname: str, ifindex: int, state: GateState, lay: dict) -> None:
-        if any(v["chain"] or v["jump"] or v["stale"] for v in lay.values()):
-            # a build cut off half way (the agent killed between commits, a failed restore), a renamed
-            # link, or another agent version's chains: every chain refilled, jumps fixed
-            log.warning("gate: %s: rebuilding netfilter chains (%s)", ifname, "; ".join(
-                f"v{f} {d}: chain {'yes' if v['chain'] else 'no'}, jump {'yes' if v['jump'] else 'no'}"
-                + (f", {len(v['stale'])} for another name" if v["stale"] else "") + f", rules v{v['version']}"
-                for (f, d), v in lay.items()))
-        for family in sorted({f for f, _ in lay}):
-            # ingress first: a new link is closed both ways before anything it sends is judged
-            for direction, table in (("in", TABLE_IN), ("out", TABLE_OUT)):
-                v = lay[(family, direction)]
-                self._build(family, table, ifname, ifindex, direction, state, jump=not v["jump"],
-                            stale=v["stale"])
+    def _swap_state(self, view: dict, state: GateState) -> None:
+        """Every chain's state rules replaced by ``state``'s (none for closed): closing starts with
+        egress, opening with ingress. A chain already right is left alone."""
+        order = ("out", "in") if state == GateState.CLOSED else ("in", "out")
+        for family in sorted({f for f, _ in view}):
+            text = []
+            for direction in order:
+                v = view[(family, direction)]
+                want = [] if state == GateState.CLOSED else [state.value]
+                if [st for _, st in v["states"]] == want:
+                    continue
+                chain = v["name"]
+                text.append(f"*{v['table']}")
+                text += [f"-D {chain} {spec}" for spec, _ in v["states"]]
+                new = self._state_rule(chain, state)
+                if new:
+                    c, rest = new.split(" ", 1)
+                    text.append(f"-I {c} 1 {rest}")
+                text.append("COMMIT")
+            if text:
+                self._restore(family, "\n".join(text) + "\n")
 
     def _policy_match(self, family: int) -> bool:
         """Can this kernel's netfilter use the IPsec policy match (xt_policy)? A scratch chain tells."""
@@ -286,10 +356,9 @@ class NetfilterBackend:
                 pass
 
     def _chain_text(self, family: int, table: str, ifname: str, ifindex: int, direction: str,
-                    state: GateState, jump: bool, stale=()) -> str:
+                    state: GateState, jump: bool, fix=()) -> str:
         chain = self._chain(ifindex, direction)
         text = [f"*{table}", f":{chain} - [0:0]"]        # declaring an existing chain flushes it
-        text += [f"-D {c} {spec}" for c, spec in stale]
         sr = self._state_rule(chain, state)
         if sr:
             text.append(f"-A {sr}")
@@ -297,59 +366,27 @@ class NetfilterBackend:
         if jump:
             b, rest = self._jump(ifname, ifindex, direction).split(" ", 1)
             text.append(f"-I {b} 1 {rest}")
+        text += list(fix)                                  # jumps fixed in the same commit
         text.append("COMMIT")
         return "\n".join(text) + "\n"
 
     def _build(self, family: int, table: str, ifname: str, ifindex: int, direction: str,
-               state: GateState, jump: bool, stale=()) -> None:
+               state: GateState, jump: bool, fix=()) -> None:
         """One table's chain in one commit; without xt_policy in the kernel, again without the ipsec rule."""
         try:
-            self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump, stale))
+            self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump, fix))
         except GateError as first:
             if not self.ipsec or self._policy_match(family):
                 raise                       # not the policy match: the real error
             self.ipsec = False
             try:
                 self._restore(family, self._chain_text(family, table, ifname, ifindex, direction, state, jump,
-                                                       stale))
+                                                       fix))
             except GateError:
                 self.ipsec = True
                 raise first from None
             log.warning("gate: netfilter has no IPsec policy match here (%s); the gate rules leave it out: "
                         "what an SA decrypts waits for the verdict like other traffic", first)
-
-    def set_state(self, ifname: str, ifindex: int, state: GateState) -> None:
-        lay, v6_error = self._layouts(ifindex, ifname)
-        if not any(v["jump"] or v["stale"] for v in lay.values()):
-            raise GateError(f"gate is not attached to {ifname}")
-        if v6_error is not None or not self._complete(lay):
-            # half built, renamed, another version's: finish it, in this state
-            self.attach(ifname, ifindex, state)
-            return
-        self._swap_state(ifname, ifindex, state)
-
-    def _swap_state(self, ifname: str, ifindex: int, state: GateState) -> None:
-        cur = self._parsed().get(ifindex)
-        if cur is None or "ifname" not in cur:
-            raise GateError(f"gate is not attached to {ifname}")
-        if cur["state"] == state:
-            return
-        for family in self.families:
-            text = []
-            # closing removes the state rule from egress first; opening from ingress first
-            dirs = (("out", TABLE_OUT), ("in", TABLE_IN))
-            for direction, table in (dirs if state == GateState.CLOSED else dirs[::-1]):
-                chain = self._chain(ifindex, direction)
-                text.append(f"*{table}")
-                old = self._state_rule(chain, cur["state"])
-                if old:
-                    text.append(f"-D {old}")
-                new = self._state_rule(chain, state)
-                if new:
-                    c, rest = new.split(" ", 1)
-                    text.append(f"-I {c} 1 {rest}")
-                text.append("COMMIT")
-            self._restore(family, "\n".join(text) + "\n")
 
     def counters(self, ifname: str, ifindex: int) -> dict:
         out = empty_counters()

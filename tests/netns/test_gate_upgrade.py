@@ -524,3 +524,96 @@ def test_a_link_the_replacement_could_not_take_over_is_not_reported_closed(lab, 
     finally:
         monkeypatch.undo()
         _cleanup_bpf(inst, lab, bpffs, gate_cache)
+
+
+def test_a_close_cut_off_between_families_is_finished_by_the_next_one(lab, monkeypatch):
+    """close() whose ip6tables-restore fails after IPv4 closed: the next close() closes IPv6 too (the
+    state is read per chain, not from IPv4 alone), and open/close cycles keep one state rule per chain."""
+    _with_ipv6(lab)
+    g = Gate(_instance(), backend="netfilter", netns=lab.mn.name)
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(lab.mn_if)
+        g.open(lab.mn_if)
+        assert lab.mn.ping(V6_FAR, 1, 2, "-6")
+        real = NetfilterBackend._restore
+        armed = [True]
+
+        def cut(self, family, text):
+            if armed[0] and family == 6:
+                armed[0] = False
+                raise GateError("ip6tables-restore: transient (simulated)")
+            return real(self, family, text)
+
+        monkeypatch.setattr(NetfilterBackend, "_restore", cut)
+        with pytest.raises(GateError, match="simulated"):
+            g.close(lab.mn_if)
+        monkeypatch.undo()
+        g.close(lab.mn_if)
+        assert not lab.mn.ping(V6_FAR, 1, 2, "-6") and not echo_ok(lab.mn, OTHER)
+        g.open(lab.mn_if)
+        g.close(lab.mn_if)
+        assert not lab.mn.ping(V6_FAR, 1, 2, "-6")
+        g.open(lab.mn_if)
+        for family in (4, 6):
+            for direction, table in (("in", "raw"), ("out", "mangle")):
+                rules, _ = chain_rules(lab, g, family, table, direction)
+                assert sum("state open" in r for r in rules) == 1, rules
+    finally:
+        monkeypatch.undo()
+        g.destroy()
+        g.release()
+
+
+def test_two_gated_links_that_swap_names_stay_gated_each_in_its_own_state(lab, topology):
+    """A <-> B renamed: opening the link now named B must not ungate the other (closed) one, which the
+    old jumps judged by name: the jumps are moved to the names the links have now, in one commit."""
+    mn2, _far2 = topology.link(lab.mn, lab.far, "10.62.0.1/24", "10.62.0.2/24")
+    g = Gate(_instance(), backend="netfilter", netns=lab.mn.name)
+    A, B = lab.mn_if, mn2
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(A)
+        g.attach(B)
+        assert not echo_ok(lab.mn, "10.62.0.2") and not echo_ok(lab.mn, OTHER)
+        for n in (A, B):
+            lab.mn.ip("link", "set", n, "down")
+        lab.mn.ip("link", "set", A, "name", "mmswaptmp")
+        lab.mn.ip("link", "set", B, "name", A)
+        lab.mn.ip("link", "set", "mmswaptmp", "name", B)
+        for n in (A, B):
+            lab.mn.ip("link", "set", n, "up")
+        g.open(B)                                   # the 10.61 link, now named B
+        assert echo_ok(lab.mn, OTHER, 2)
+        assert not echo_ok(lab.mn, "10.62.0.2", 1), "the closed link (now named A) was ungated"
+        assert g.state(A) == GateState.CLOSED and g.state(B) == GateState.OPEN
+    finally:
+        g.destroy()
+        g.release()
+
+
+def test_a_replugged_link_with_the_same_name_can_be_opened(lab):
+    """The link is unplugged while closed and a new one with the same name appears: the old chain's
+    jump (by name) must not keep judging the new link after it is opened."""
+    import subprocess
+    g = Gate(_instance(), backend="netfilter", netns=lab.mn.name)
+    A = lab.mn_if
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        g.attach(A)
+        lab.mn.ip("link", "del", A)
+        with pytest.raises(GateError):
+            g.close(A)                              # the agent's link-down: no such interface
+        subprocess.run(["ip", "link", "add", A, "netns", lab.mn.name, "type", "veth", "peer", "name",
+                        A + "p", "netns", lab.far.name], check=True)
+        lab.mn.ip("link", "set", A, "up")
+        lab.far.ip("link", "set", A + "p", "up")
+        lab.mn.ip("addr", "add", "10.61.0.1/24", "dev", A)
+        lab.far.ip("addr", "add", "10.61.0.4/24", "dev", A + "p")
+        g.close(A)
+        assert not echo_ok(lab.mn, "10.61.0.4", 1)
+        g.open(A)
+        assert echo_ok(lab.mn, "10.61.0.4", 2)
+    finally:
+        g.destroy()
+        g.release()
