@@ -66,6 +66,16 @@ TABLE_OUT, BASE_OUT = "mangle", "POSTROUTING"
 _RULE_RE = re.compile(r'^\[(\d+):(\d+)\] -A (\S+) (.*)$')
 _COMMENT_RE = re.compile(r'--comment (?:"([^"]*)"|(\S+))')
 _VERSION_RE = re.compile(r"^rules v(\d+)")
+# Linux allows nearly anything in an interface name; iptables-restore's line syntax does not: a quote
+# or a backslash would end a comment early (a jump without its target), whitespace splits a word, and
+# a trailing "+" is iptables' wildcard. Such names are refused (loudly) instead of written.
+_UNSAFE_IFNAME = re.compile(r'["\\\'\s]|\+$')
+
+
+def _check_ifname(ifname: str) -> None:
+    if _UNSAFE_IFNAME.search(ifname):
+        raise GateError(f"interface name {ifname!r} cannot be written into netfilter rules safely (a quote, "
+                        f"backslash, space or trailing '+'): rename it, or use the BPF gate")
 
 
 class NetfilterBackend:
@@ -252,6 +262,11 @@ class NetfilterBackend:
         for idx in sorted({j[3] for j in jumps}):
             want = names.get(idx)
             mine = [j for j in jumps if j[3] == idx]
+            if want is not None and _UNSAFE_IFNAME.search(want):
+                # renamed to a name the rules cannot carry: its jumps stay as they are (its own
+                # operations fail loudly), the other links' fixes go ahead
+                log.warning("gate: interface %r (index %d) cannot be matched by netfilter rules", want, idx)
+                continue
             if want is not None and not any(j[2] == want for j in mine):
                 b, rest = self._jump(want, idx, direction).split(" ", 1)
                 add.append(f"-I {b} 1 {rest}")
@@ -297,6 +312,7 @@ class NetfilterBackend:
         """Put ``ifindex`` in ``state``: refill what is off (a build cut off between commits, another
         version's chains, jumps naming the wrong interface) or else swap the state rules, chain by
         chain (a state change cut off between families is finished the same way)."""
+        _check_ifname(ifname)
         snap, v6_error = self._snapshot()
         view = self._view(snap, ifindex, ifname, dict(socket.if_nameindex()))
         if must_exist and not any(v["any_jump"] for v in view.values()):

@@ -617,3 +617,33 @@ def test_a_replugged_link_with_the_same_name_can_be_opened(lab):
     finally:
         g.destroy()
         g.release()
+
+
+def test_interface_names_netfilter_rules_cannot_carry(lab, topology):
+    """A name with a quote, backslash, space or a trailing '+' is refused with a reason (written, a
+    backslash ended the comment early: a jump without target, 'closed' with nothing filtered); a gated
+    link renamed to such a name does not stop the other links' operations."""
+    mn2, _far2 = topology.link(lab.mn, lab.far, "10.62.0.1/24", "10.62.0.2/24")
+    g = Gate(_instance(), backend="netfilter", netns=lab.mn.name)
+    A, B = lab.mn_if, mn2
+    try:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+        bad = "mmx\\\\"
+        lab.mn.ip("link", "set", B, "down")
+        lab.mn.ip("link", "set", B, "name", bad)
+        with pytest.raises(GateError, match="cannot be written into netfilter rules"):
+            g.attach(bad)
+        lab.mn.ip("link", "set", bad, "name", B)
+        lab.mn.ip("link", "set", B, "up")
+        g.attach(A)
+        g.attach(B)
+        g.open(A)
+        lab.mn.ip("link", "set", B, "down")
+        lab.mn.ip("link", "set", B, "name", 'q"q')
+        g.close(A)                                   # not blocked by the other link's name
+        assert not echo_ok(lab.mn, OTHER)
+        g.open(A)
+        assert echo_ok(lab.mn, OTHER, 2)
+    finally:
+        g.destroy()
+        g.release()
