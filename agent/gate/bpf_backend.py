@@ -123,10 +123,7 @@ def retire_foreign(instance: str, bpffs: str, links: list[tuple[int, str]], all_
                 if xid and eg and _map_ids(xid) & _map_ids(eg[0]):
                     ipr.link("set", index=idx, xdp_fd=-1)
                 for parent in (TC_INGRESS, TC_EGRESS):           # egress last: it keeps the link gated
-                    for f in ipr.get_filters(idx, parent=parent):
-                        opts = f.get_attr("TCA_OPTIONS")
-                        if opts is not None and opts.get_attr("TCA_BPF_NAME") == tc_name:
-                            ipr.tc("del-filter", "bpf", idx, f["handle"], parent=parent, prio=f["info"] >> 16)
+                    _del_named_filters(ipr, idx, parent, tc_name)
             except (NetlinkError, OSError) as e:
                 log.error("gate: %s: the older gate stays attached: %s", name, e)
                 all_links = False
@@ -150,15 +147,34 @@ def _xdp_id(ipr, ifindex: int) -> int:
     return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp is not None else 0
 
 
-def _map_ids(prog_id: int) -> set[int]:
+def _prog_info_by_id(prog_id: int) -> dict | None:
+    """bpfsys.prog_info of a loaded program by id (None: gone meanwhile)."""
     try:
         fd = bpfsys.prog_fd_by_id(prog_id)
     except OSError:
-        return set()
+        return None
     try:
-        return set(bpfsys.prog_info(fd)["map_ids"])
+        return bpfsys.prog_info(fd)
     finally:
         os.close(fd)
+
+
+def _map_ids(prog_id: int) -> set[int]:
+    info = _prog_info_by_id(prog_id)
+    return set(info["map_ids"]) if info else set()
+
+
+def _del_named_filters(ipr, ifindex: int, parent: int, tc_name: str) -> None:
+    """Delete the bpf filters named ``tc_name`` on one TC hook (NetlinkError to the caller)."""
+    for f in ipr.get_filters(ifindex, parent=parent):
+        opts = f.get_attr("TCA_OPTIONS")
+        if opts is not None and opts.get_attr("TCA_BPF_NAME") == tc_name:
+            ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent, prio=f["info"] >> 16)
+
+
+def _abi_of(config: bytes | None) -> int | None:
+    """The ABI word of a gate config map value (the first word in every version), None if unreadable."""
+    return _CONFIG.unpack(config[:_CONFIG.size])[0] if config is not None and len(config) >= _CONFIG.size else None
 
 
 class _ForeignAbi(Exception):
@@ -197,7 +213,7 @@ class BpfBackend:
         if is_bpffs(bpffs) and self._pins_complete():
             self._open_pins()
             self.adopted = True
-            abi = _CONFIG.unpack(self.maps["config"].lookup(struct.pack("=I", 0))[:_CONFIG.size])[0]
+            abi = _abi_of(self.maps["config"].lookup(struct.pack("=I", 0)))
             if abi != ABI:
                 self.release()
                 foreign = abi
@@ -294,22 +310,14 @@ class BpfBackend:
                     continue
                 if any((f.get_attr("TCA_OPTIONS") is not None
                         and f.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_NAME") == self.tc_name) for f in flts):
-                    out.append((idx, link.get_attr("IFLA_IFNAME"), self._xdp_prog_id(ipr, idx)))
+                    out.append((idx, link.get_attr("IFLA_IFNAME"), _xdp_id(ipr, idx)))
         return out
 
     def _attached_prog_id(self, ifname: str) -> int:
         """Id of the gate's egress program on ``ifname`` (the one that uses every map).
         pyroute2 does not decode TCA_BPF_ID; tc(8) does."""
-        p = subprocess.run(["tc", "-j", "filter", "show", "dev", ifname, "egress"], capture_output=True,
-                           text=True, timeout=10)
-        try:
-            for f in json.loads(p.stdout or "[]"):
-                opts = f.get("options") or {}
-                if opts.get("bpf_name") == self.tc_name and "prog" in opts:
-                    return int(opts["prog"]["id"])
-        except (ValueError, KeyError, TypeError):
-            pass
-        return 0
+        ids = _filter_prog_ids(ifname, "egress", self.tc_name)
+        return ids[0] if ids else 0
 
     def _recover(self, cache_dir: str | None) -> bool:
         """Pins lost but programs still attached (say the bpffs was mounted in a
@@ -343,9 +351,7 @@ class BpfBackend:
             for fd in maps.values():
                 os.close(fd)
             return False
-        cfg = bpfsys.Map(maps["config"], owned=False).lookup(struct.pack("=I", 0))
-        # the ABI is the config's first word in every version
-        abi = _CONFIG.unpack(cfg[:_CONFIG.size])[0] if cfg is not None and len(cfg) >= _CONFIG.size else None
+        abi = _abi_of(bpfsys.Map(maps["config"], owned=False).lookup(struct.pack("=I", 0)))
         if abi != ABI:          # another version's maps: not ours to load programs against
             for fd in maps.values():
                 os.close(fd)
@@ -496,16 +502,13 @@ class BpfBackend:
     # link is never ungated in between
     def _drop_tc_ingress(self, ipr, ifindex) -> None:
         try:
-            for f in ipr.get_filters(ifindex, parent=TC_INGRESS):
-                opts = f.get_attr("TCA_OPTIONS")
-                if opts is not None and opts.get_attr("TCA_BPF_NAME") == self.tc_name:
-                    ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=TC_INGRESS, prio=f["info"] >> 16)
+            _del_named_filters(ipr, ifindex, TC_INGRESS, self.tc_name)
         except NetlinkError as e:
             if e.code not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
                 raise
 
     def _drop_our_xdp(self, ipr, ifindex) -> None:
-        xid = self._xdp_prog_id(ipr, ifindex)
+        xid = _xdp_id(ipr, ifindex)
         if xid and self._is_our_prog(xid):
             ipr.link("set", index=ifindex, xdp_fd=-1)
 
@@ -516,14 +519,9 @@ class BpfBackend:
         except NetlinkError as e:
             raise GateError(f"{ifname}: cannot attach {prog} (tc {parent}): {e}") from None
 
-    def _xdp_prog_id(self, ipr, ifindex) -> int:
-        links = ipr.get_links(ifindex)
-        xdp = links[0].get_attr("IFLA_XDP") if links else None
-        return (xdp.get_attr("IFLA_XDP_PROG_ID") or 0) if xdp is not None else 0
-
     def _xdp_attach(self, ipr, ifname, ifindex) -> bool:
         ours = bpfsys.prog_info(self.prog_fds["gate_ingress"])["id"]
-        cur = self._xdp_prog_id(ipr, ifindex)
+        cur = _xdp_id(ipr, ifindex)
         if cur == ours:
             return True
         if cur and not self._is_our_prog(cur):
@@ -537,14 +535,8 @@ class BpfBackend:
 
     def _is_our_prog(self, prog_id: int) -> bool:
         """Is ``prog_id`` a gate ingress program (this one, or one whose pins were lost)?"""
-        try:
-            fd = bpfsys.prog_fd_by_id(prog_id)
-        except OSError:
-            return False
-        try:
-            return bpfsys.prog_info(fd)["name"] == "gate_ingress"
-        finally:
-            os.close(fd)
+        info = _prog_info_by_id(prog_id)
+        return info is not None and info["name"] == "gate_ingress"
 
     def attached(self, ifindex: int) -> dict:
         """Which hooks carry a gate program on ``ifindex``."""
@@ -562,7 +554,7 @@ class BpfBackend:
                             out["egress"] = True
                         else:
                             out["ingress"] = "tc"
-            xid = self._xdp_prog_id(ipr, ifindex)
+            xid = _xdp_id(ipr, ifindex)
             if xid and xid == bpfsys.prog_info(self.prog_fds["gate_ingress"])["id"]:
                 out["ingress"] = "xdp"
         return out
@@ -571,16 +563,12 @@ class BpfBackend:
         with IPRoute() as ipr:
             for parent in (TC_EGRESS, TC_INGRESS):
                 try:
-                    for f in ipr.get_filters(ifindex, parent=parent):
-                        opts = f.get_attr("TCA_OPTIONS")
-                        if opts is not None and opts.get_attr("TCA_BPF_NAME") == self.tc_name:
-                            ipr.tc("del-filter", "bpf", ifindex, f["handle"], parent=parent,
-                                   prio=f["info"] >> 16)
+                    _del_named_filters(ipr, ifindex, parent, self.tc_name)
                 except NetlinkError as e:
                     if e.code not in (errno.ENODEV, errno.EINVAL, errno.ENOENT):
                         raise
             try:
-                xid = self._xdp_prog_id(ipr, ifindex)
+                xid = _xdp_id(ipr, ifindex)
                 if xid and self._is_our_prog(xid):
                     ipr.link("set", index=ifindex, xdp_fd=-1)
             except NetlinkError as e:
@@ -593,11 +581,7 @@ class BpfBackend:
                     ipr.tc("del", "clsact", ifindex)
             except NetlinkError:
                 pass
-        # state last: until the programs are gone, the link stays gated
-        cur = self._states().get(ifindex)
-        self.maps["ifstate"].delete(struct.pack("=I", ifindex))
-        if cur:
-            self._zero_slot(cur[1])
+        self._unstate(ifindex)       # state last: until the programs are gone, the link stays gated
 
     def forget(self, ifindex: int) -> None:
         """Drop the state of an interface that no longer exists."""
