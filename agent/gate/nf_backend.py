@@ -137,6 +137,11 @@ class NetfilterBackend:
         return (f"{base} {opt} {ifname} -m comment --comment \"{self.tag}:{ifname}\" "
                 f"-j {self._chain(ifindex, direction)}")
 
+    def _insert_jump(self, ifname: str, ifindex: int, direction: str) -> str:
+        """The restore line putting the jump first in its base chain."""
+        b, rest = self._jump(ifname, ifindex, direction).split(" ", 1)
+        return f"-I {b} 1 {rest}"
+
     def _rules4(self, chain: str, direction: str) -> list[str]:
         eg = direction == "out"
         peer = "dst,dst" if eg else "src,src"
@@ -208,14 +213,11 @@ class NetfilterBackend:
                     continue
                 out.setdefault(idx, {"rules": []})["rules"].append((pk, by, chain, spec))
         for idx, d in out.items():
-            d["state"], d["version"] = GateState.CLOSED, None
+            d["state"] = GateState.CLOSED
             for _, _, chain, spec in d["rules"]:
                 c = self._comment(spec) or ""
-                v = _VERSION_RE.match(c)
                 if c.startswith("state "):
                     d["state"] = GateState(c[len("state "):])
-                elif v:
-                    d["version"] = int(v.group(1))
         return out
 
     def states(self) -> dict[int, GateState]:
@@ -251,13 +253,13 @@ class NetfilterBackend:
                 out.append((c, spec, n.group(1) if n else None, int(m.group(1))))
         return out
 
-    def _fix_jumps(self, rules: list, names: dict[int, str], direction: str) -> list[str]:
+    def _fix_jumps(self, jumps: list, names: dict[int, str], direction: str) -> list[str]:
         """Restore lines that make every jump into this instance's chains of ``direction`` name the
         interface that now has the chain's ifindex: the right jump added first, wrong ones deleted (a
         renamed link, two links that swapped names, a link gone whose name a new one took). netfilter
         matches by name; the chains are per ifindex."""
-        base, opt = (BASE_IN, "-i") if direction == "in" else (BASE_OUT, "-o")
-        jumps = [j for j in self._jumps(rules) if j[0] == base]
+        base = BASE_IN if direction == "in" else BASE_OUT
+        jumps = [j for j in jumps if j[0] == base]
         add, delete = [], []
         for idx in sorted({j[3] for j in jumps}):
             want = names.get(idx)
@@ -268,8 +270,7 @@ class NetfilterBackend:
                 log.warning("gate: interface %r (index %d) cannot be matched by netfilter rules", want, idx)
                 continue
             if want is not None and not any(j[2] == want for j in mine):
-                b, rest = self._jump(want, idx, direction).split(" ", 1)
-                add.append(f"-I {b} 1 {rest}")
+                add.append(self._insert_jump(want, idx, direction))
             delete += [f"-D {j[0]} {j[1]}" for j in mine if j[2] != want]
         return add + delete
 
@@ -290,11 +291,12 @@ class NetfilterBackend:
                     version = int(v.group(1))
                 elif com.startswith("state "):
                     states.append((spec, com[len("state "):]))
-            own = [j for j in self._jumps(t["rules"]) if j[3] == ifindex]
+            jumps = self._jumps(t["rules"])
+            own = [j for j in jumps if j[3] == ifindex]
             out[(family, direction)] = {
                 "table": table, "name": chain, "chain": chain in t["chains"], "version": version, "states": states,
                 "jump": len(own) == 1 and own[0][2] == ifname, "any_jump": bool(own),
-                "fix": self._fix_jumps(t["rules"], names, direction)}
+                "fix": self._fix_jumps(jumps, names, direction)}
         return out
 
     @staticmethod
@@ -380,8 +382,7 @@ class NetfilterBackend:
             text.append(f"-A {sr}")
         text += self._rules4(chain, direction) if family == 4 else self._rules6(chain, direction)
         if jump:
-            b, rest = self._jump(ifname, ifindex, direction).split(" ", 1)
-            text.append(f"-I {b} 1 {rest}")
+            text.append(self._insert_jump(ifname, ifindex, direction))
         text += list(fix)                                  # jumps fixed in the same commit
         text.append("COMMIT")
         return "\n".join(text) + "\n"
@@ -416,10 +417,10 @@ class NetfilterBackend:
                     if c != chain:
                         continue
                     found = True
-                    c = self._comment(spec)
-                    if not c:
+                    com = self._comment(spec)
+                    if not com:
                         continue
-                    kind, _, reason = c.partition(" ")
+                    kind, _, reason = com.partition(" ")
                     if kind == "state":
                         if reason == "open":
                             d["pass"]["open"] += pk
