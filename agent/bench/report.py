@@ -408,11 +408,11 @@ def markdown(res: dict) -> str:
         A("| path | Mbit/s | retransmits | fragments | ESP | note |")
         A("|---|---|---|---|---|---|")
         for r in gp.get("rounds", []):
+            esp = ", ".join(r.get("esp", [])) + (" in UDP" if r.get("esp_in_udp") else "")   # the control's too
             for row in (r, r.get("control")):
                 if row is None:
                     continue
                 note = row.get("not_measured") or row.get("error") or (f"MSS {row['mss']}" if row.get("mss") else "")
-                esp = ", ".join(r.get("esp", [])) + (" in UDP" if r.get("esp_in_udp") else "")
                 A(f"| {row.get('path', r.get('who'))} | {_f(row.get('mbit_s'))} | {_f(row.get('retransmits'))} "
                   f"| {_f(row.get('fragments_or_frag_needed'))} | {esp or '-'} | {note} |")
         A("")
