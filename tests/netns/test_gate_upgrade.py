@@ -208,6 +208,19 @@ def _older_abi(g: Gate) -> None:
     cfg.update(key, _CONFIG.pack(abi - 1, mark, mask, pad))
 
 
+def _leave_older_gate(lab, bpffs, gate_cache, inst: str, *, state: str = "open", ingress: str = "xdp",
+                      allowed: bool = True) -> None:
+    """What an agent of the previous ABI leaves when it dies: its gate on the lab's link in ``state``."""
+    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress=ingress)
+    if allowed:
+        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
+    g.attach(lab.mn_if)
+    if state == "open":
+        g.open(lab.mn_if)
+    _older_abi(g)
+    g.release()
+
+
 def _udp_arrives(src_ns, dst_ns, dst: str, port: int) -> bool:
     from tests.netns.test_gate_filter import recv_or_none, sock_in, try_send
     rx = sock_in(dst_ns, bind=(dst, port), timeout=1)
@@ -238,15 +251,9 @@ def test_a_replacement_that_cannot_be_built_hands_the_links_to_netfilter(old_sta
     were removed first and the agent could not start, the link staying as the old gate left it."""
     from agent.gate import loader
     inst = _instance()
-    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
     n = n2 = None
     try:
-        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
-        g.attach(lab.mn_if)
-        if old_state == "open":
-            g.open(lab.mn_if)
-        _older_abi(g)
-        g.release()
+        _leave_older_gate(lab, bpffs, gate_cache, inst, state=old_state)
 
         def no_bcc(*a, **k):
             raise loader.GateUnavailable("bcc is not importable (simulated)")
@@ -341,13 +348,8 @@ def test_lost_pins_of_another_abi_are_replaced_not_loaded_against(lab, bpffs, ga
     netfilter gate stacked on it."""
     import shutil
     inst = _instance()
-    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
     try:
-        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
-        g.attach(lab.mn_if)
-        g.open(lab.mn_if)
-        _older_abi(g)
-        g.release()
+        _leave_older_gate(lab, bpffs, gate_cache, inst)
         shutil.rmtree(os.path.join(bpffs, inst))
         with pytest.raises(GateAbiError):
             Gate(inst, netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, create=False)
@@ -366,12 +368,8 @@ def test_an_xdp_attach_that_fails_falls_back_to_tc_ingress(lab, bpffs, gate_cach
     runs after whatever XDP program stays, so nothing comes in while the state says closed."""
     from agent.gate.bpf_backend import BpfBackend
     inst = _instance()
-    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache, ingress="xdp")
     try:
-        g.attach(lab.mn_if)
-        g.open(lab.mn_if)
-        _older_abi(g)
-        g.release()
+        _leave_older_gate(lab, bpffs, gate_cache, inst, allowed=False)
 
         def busy(self, ipr, ifname, ifindex):
             raise GateError(f"{ifname}: cannot attach XDP program: (16, 'Device or resource busy')")
@@ -498,13 +496,8 @@ def test_a_link_the_replacement_could_not_take_over_is_not_reported_closed(lab, 
     the link is not reported as gated, so the next close() attaches again and closes it for real."""
     from agent.gate.bpf_backend import TC_EGRESS, BpfBackend
     inst = _instance()
-    g = Gate(inst, backend="bpf", netns=lab.mn.name, bpffs=bpffs, cache_dir=gate_cache)
     try:
-        g.set_allowed(home_agents=[(HA, 434)], gateways=[GW])
-        g.attach(lab.mn_if)
-        g.open(lab.mn_if)
-        _older_abi(g)
-        g.release()
+        _leave_older_gate(lab, bpffs, gate_cache, inst)
         real = BpfBackend._tc_attach
 
         def no_egress(self, ipr, ifname, ifindex, parent, prog):
